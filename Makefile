@@ -1,0 +1,35 @@
+# Two commands for a fresh machine: `make all` (set up + run the whole DAG), `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: all test test-fast setup dag lint clean-work
+
+all: $(STAMP)
+	$(BIN)/effdetr mlflow init
+	$(BIN)/snakemake --snakefile workflow/Snakefile --cores all all
+	$(BIN)/dvc commit --force --quiet 2>/dev/null || true
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+setup: $(STAMP)
+
+# torch comes from the pinned CPU/CUDA wheels on local disk; pip, never uv/poetry.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+dag: $(STAMP)
+	$(BIN)/effdetr dag dvc --out dvc.yaml
+
+lint: $(STAMP)
+	$(BIN)/snakemake --snakefile workflow/Snakefile --lint
+	$(BIN)/snakefmt --check workflow

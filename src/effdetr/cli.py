@@ -1,0 +1,264 @@
+"""The `effdetr` command: every Snakemake rule and DVC stage calls exactly one subcommand.
+
+Commands take paths, the params file and an experiment name; hyperparameters are never
+flags. Each compute command is one MLflow run (see effdetr.tracking).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import config as C
+
+
+def _write_json(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
+    tmp.replace(path)
+
+
+def _tags(stage: str, paper: str, table: str, phash: str, experiment: str = "", profile: str = "") -> dict:
+    from .utils.repro import git_info
+    g = git_info()
+    return {"paper": paper, "table": table, "stage": stage, "experiment": experiment, "profile": profile,
+            "git_sha": g["sha"], "git_dirty": str(g["dirty"]).lower(), "params_hash": phash}
+
+
+def _provenance(run, phash: str) -> dict:
+    from .utils.repro import environment, git_info
+    return {"git": git_info(), "params_hash": phash, "mlflow_run_id": run.run_id, "sidecar": run.uid,
+            "environment": environment()}
+
+
+# ---------------------------------------------------------------------------------------
+def cmd_data(args) -> None:
+    params, raw = C.load_params(args.params)
+    prof = C.profile_config(args.params)
+    from .tracking import Run
+    if args.action == "synth":
+        if prof.data.synth is None:
+            raise C.ConfigError(args.params, f"profiles.{params.profile}.data.synth", "missing (active profile is not synth)")
+        from .data.synthcoco import generate
+        phash = C.params_hash(prof.data)
+        with Run(params.tracking.experiment, "data-synth", _tags("data", "all", "-", phash, profile=params.profile),
+                 {"data": C.to_dict(prof.data)}) as run:
+            t0 = time.time()
+            summary = generate(prof.data.synth, args.out)
+            run.log_metrics({f"{s}_{k}": v for s, d in summary.items() for k, v in d.items()} |
+                            {"seconds": time.time() - t0})
+            _write_json({"summary": summary, "params_hash": phash}, Path(args.out) / "manifest.json")
+        print(f"[data] SynthCOCO written to {args.out}: {summary}")
+    elif args.action == "coco":
+        from .data.download import prepare_coco
+        if prof.data.coco is None:
+            raise C.ConfigError(args.params, f"profiles.{params.profile}.data.coco", "missing (active profile is not coco)")
+        prepare_coco(prof.data.coco, args.out)
+    elif args.action == "verify":
+        from .data.coco import load_annotations, split_paths
+        for split in ("train", "val"):
+            img_dir, ann = split_paths(prof.data, split, args.out)
+            d = load_annotations(ann, img_dir, prof.model.num_classes)
+            print(f"[verify] {ann}: {len(d['images'])} images, {len(d['_kept'])} boxes kept, "
+                  f"{d['_dropped']} dropped (no area inside the image)")
+
+
+def _build_eval_dataset(cfg, data_root):
+    from .data.coco import CocoDetection, split_paths
+    from .data.transforms import build_transforms
+    img_dir, ann = split_paths(cfg.data, "val", data_root)
+    return CocoDetection(img_dir, ann, build_transforms(cfg.input, train=False), cfg.model.num_classes,
+                         max_images=cfg.eval.max_images)
+
+
+def cmd_train(args) -> None:
+    cfg, exp = C.experiment_config(args.params, args.experiment)
+    params, _ = C.load_params(args.params)
+    phash = C.params_hash(cfg)
+    # Fail before compute: the data must be there and pass the annotation checks.
+    _build_eval_dataset(cfg, args.data)
+    from .engine.train import train
+    from .tracking import Run
+    work = Path(args.work_root) / args.experiment / phash
+    with Run(params.tracking.experiment, f"train-{args.experiment}",
+             _tags("train", exp.paper, exp.table, phash, args.experiment, params.profile),
+             {"experiment": C.to_dict(cfg)}) as run:
+        t0 = time.time()
+        result = train(cfg, args.data, args.out, str(work), phash, run=run, backbone_weights=args.backbone)
+        seconds = time.time() - t0
+        run.log_metrics({"train_seconds": seconds}, step=cfg.train.epochs)
+        _write_json({"experiment": args.experiment, "final": result["final"], "history": result["history"],
+                     "train_seconds": seconds, "provenance": _provenance(run, phash)}, args.metrics)
+        run.log_artifact(args.metrics)
+
+
+def cmd_pretrain(args) -> None:
+    params, _ = C.load_params(args.params)
+    cfg = C.profile_config(args.params)
+    if cfg.pretrain is None:
+        raise C.ConfigError(args.params, f"profiles.{params.profile}.pretrain", "missing")
+    phash = C.params_hash({"pretrain": cfg.pretrain, "data": cfg.data, "input": cfg.input,
+                           "backbone": cfg.model.backbone, "num_classes": cfg.model.num_classes})
+    from .engine.pretrain import pretrain_backbone
+    from .tracking import Run
+    with Run(params.tracking.experiment, "pretrain-backbone",
+             _tags("pretrain", "all", "-", phash, "backbone", params.profile),
+             {"pretrain": C.to_dict(cfg.pretrain), "backbone": C.to_dict(cfg.model.backbone)}) as run:
+        t0 = time.time()
+        result = pretrain_backbone(cfg, args.data, args.out, run=run)
+        _write_json({"final": result["final"], "history": result["history"], "seconds": time.time() - t0,
+                     "provenance": _provenance(run, phash)}, args.metrics)
+        run.log_artifact(args.metrics)
+
+
+def cmd_eval(args) -> None:
+    cfg, exp = C.experiment_config(args.params, args.experiment)
+    params, _ = C.load_params(args.params)
+    phash = C.params_hash(cfg)
+    import torch
+    from .engine.checkpoint import load_model_checkpoint
+    from .engine.evaluate import evaluate_dataset
+    from .models import build_model
+    from .tracking import Run
+    from .utils.repro import resolve_device
+    dataset = _build_eval_dataset(cfg, args.data)
+    ckpt = load_model_checkpoint(args.checkpoint)
+    model_cfg = C.build(C.ModelConfig, ckpt["model_config"], args.checkpoint, "model_config")
+    model_cfg.backbone.pretrained = "none"  # the checkpoint carries the trained backbone
+    device = resolve_device(cfg.train.device)
+    model = build_model(model_cfg)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{args.checkpoint}: model weights do not fit model_config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device)
+    with Run(params.tracking.experiment, f"eval-{args.experiment}",
+             _tags("eval", exp.paper, exp.table, phash, args.experiment, params.profile),
+             {"experiment": C.to_dict(cfg), "checkpoint": args.checkpoint}) as run:
+        torch.manual_seed(cfg.train.seed)
+        stats = evaluate_dataset(model, dataset, device, cfg.eval.batch_size, cfg.eval.num_workers,
+                                 cfg.data.area_ranges, amp=cfg.train.amp,
+                                 flops_images=cfg.eval.flops_images)
+        run.log_metrics({k: v for k, v in stats.items() if v == v})
+        _write_json({"experiment": args.experiment, "stats": stats, "checkpoint_params_hash": ckpt.get("params_hash"),
+                     "provenance": _provenance(run, phash)}, args.out)
+        run.log_artifact(args.out)
+    print(f"[eval] {args.experiment}: " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
+
+
+def cmd_flops(args) -> None:
+    params, raw = C.load_params(args.params)
+    models = C.flops_model_configs(args.params)
+    from .evaluation.flops import count_model
+    from .tracking import Run
+    phash = C.params_hash({"flops": raw.get("flops"), "coco_model": raw["profiles"].get("coco", {}).get("model")})
+    results = {}
+    with Run(params.tracking.experiment, "flops", _tags("flops", params.flops.paper, params.flops.table, phash),
+             {"flops": C.to_dict(params.flops)}) as run:
+        for name, mcfg in models.items():
+            results[name] = count_model(mcfg, params.flops.input_sizes)
+            run.log_metrics({f"{name}.gmacs": results[name]["gmacs"]["total"],
+                             f"{name}.params_m": results[name]["params_m"]})
+            print(f"[flops] {name}: {results[name]['gmacs']} GMACs, {results[name]['params_m']:.2f}M params")
+        _write_json({"models": results, "input_sizes": params.flops.input_sizes,
+                     "convention": "GMACs (one multiply-add = one FLOP, the papers' 'GFLOPs')",
+                     "provenance": _provenance(run, phash)}, args.out)
+        run.log_artifact(args.out)
+
+
+def cmd_report(args) -> None:
+    params, raw = C.load_params(args.params)
+    from .reporting.tables import build_reports
+    from .tracking import Run
+    phash = C.params_hash(raw)
+    with Run(params.tracking.experiment, "report", _tags("report", "all", "all", phash, profile=params.profile),
+             {"profile": params.profile}) as run:
+        written = build_reports(params, raw, Path(args.metrics), Path(args.out), phash, run.run_id)
+        for path in written:
+            run.log_artifact(path)
+    print(f"[report] wrote {len(written)} files under {args.out}")
+
+
+def cmd_dag(args) -> None:
+    from . import stages
+    params, raw = C.load_params(args.params)
+    if args.format == "dvc":
+        text = stages.render_dvc(raw, args.params)
+        if args.out == "-":
+            sys.stdout.write(text)
+        else:
+            Path(args.out).write_text(text)
+    else:
+        for st in stages.build_stages(raw, args.params):
+            print(st.name, " ".join(st.cmd))
+
+
+def cmd_mlflow(args) -> None:
+    from . import tracking
+    name = C.load_params(args.params)[0].tracking.experiment
+    if args.action == "init":
+        exp_id = tracking.init_store(name)
+        print(f"[mlflow] store {tracking.tracking_uri()} ready, experiment '{name}' (id {exp_id})")
+    else:
+        imported = tracking.sync()
+        print(f"[mlflow] re-imported {len(imported)} runs from sidecars")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="effdetr", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--params", default="params.yaml")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("data", cmd_data, "make/download/verify a dataset")
+    sp.add_argument("action", choices=["synth", "coco", "verify"])
+    sp.add_argument("--out", required=True, help="dataset root")
+    for name, fn in (("train", cmd_train), ("eval", cmd_eval)):
+        sp = add(name, fn, f"{name} one experiment")
+        sp.add_argument("--experiment", required=True)
+        sp.add_argument("--data", required=True)
+        if name == "train":
+            sp.add_argument("--out", required=True, help="final model file")
+            sp.add_argument("--metrics", required=True)
+            sp.add_argument("--work-root", default="data/work", help="resumable state (not a declared output)")
+            sp.add_argument("--backbone", default=None, help="pretrained backbone file (backbone.pretrained: pipeline)")
+        else:
+            sp.add_argument("--checkpoint", required=True)
+            sp.add_argument("--out", required=True)
+    sp = add("pretrain", cmd_pretrain, "pre-train the profile's backbone (stand-in for ImageNet)")
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--metrics", required=True)
+    sp = add("flops", cmd_flops, "paper-scale GFLOPs/params table")
+    sp.add_argument("--out", required=True)
+    sp = add("report", cmd_report, "regenerate reports/ from metrics")
+    sp.add_argument("--metrics", default="reports/metrics")
+    sp.add_argument("--out", default="reports")
+    sp = add("dag", cmd_dag, "render the stage table")
+    sp.add_argument("format", choices=["dvc", "list"])
+    sp.add_argument("--out", default="-")
+    sp = add("mlflow", cmd_mlflow, "initialise the store / re-import sidecar runs")
+    sp.add_argument("action", choices=["init", "sync"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (C.ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"effdetr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

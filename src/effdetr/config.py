@@ -1,0 +1,420 @@
+"""params.yaml: load, validate, and resolve one experiment's configuration.
+
+The file is the single source of truth. Every section is a typed dataclass; unknown keys,
+wrong types and out-of-range values raise :class:`ConfigError` naming the file and the
+dotted key path, before any compute starts. An experiment's config is the active profile
+deep-merged with the experiment's overrides (and its per-profile overrides).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params problem, always naming the file and the key path."""
+
+    def __init__(self, file: str | Path, path: str, message: str):
+        self.file, self.path = str(file), path
+        super().__init__(f"{file}: {path}: {message}")
+
+
+def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
+       factory: Any = None, doc: str = ""):
+    meta = {"lo": lo, "hi": hi, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+@dataclass
+class SynthConfig:
+    """SynthCOCO generator settings (see effdetr.data.synthcoco)."""
+    seed: int = _f(0, lo=0)
+    num_train: int = _f(2000, lo=1)
+    num_val: int = _f(250, lo=1)
+    image_size: int = _f(128, lo=32, hi=2048)
+    num_classes: int = _f(6, lo=1, hi=8)
+    min_objects: int = _f(1, lo=0)
+    max_objects: int = _f(6, lo=1, hi=50)
+    min_side: int = _f(8, lo=2)
+    max_side: int = _f(80, lo=4)
+    max_overlap: float = _f(0.5, lo=0.0, hi=1.0, doc="max fraction of an object hidden by later ones")
+    category_id_offset: int = _f(1, lo=0, doc="first category id; ids skip one every 3 to mimic COCO holes")
+
+
+@dataclass
+class CocoConfig:
+    """COCO 2017 source: download from base_url, or validate an existing copy."""
+    existing: Optional[str] = _f(None, doc="path of an existing COCO root to validate instead of downloading")
+    base_url: str = "http://images.cocodataset.org"
+    splits: list[str] = _f(factory=lambda: ["train2017", "val2017", "annotations_trainval2017"])
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["synth", "coco"] = "synth"
+    root: str = "data/synthcoco"
+    area_ranges: list[float] = _f(factory=lambda: [32.0, 96.0],
+                                  doc="side lengths splitting small/medium/large (area = side^2)")
+    synth: Optional[SynthConfig] = None
+    coco: Optional[CocoConfig] = None
+
+
+@dataclass
+class InputConfig:
+    """DETR's transforms: multi-scale shorter-side resize, optional crop branch, flip."""
+    train_scales: list[int] = _f(factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
+    max_size: int = _f(1333, lo=16)
+    val_scale: int = _f(800, lo=16)
+    crop_prob: float = _f(0.5, lo=0.0, hi=1.0)
+    crop_scales: list[int] = _f(factory=lambda: [400, 500, 600])
+    crop_min: int = _f(384, lo=1)
+    crop_max: int = _f(600, lo=1)
+    hflip_prob: float = _f(0.5, lo=0.0, hi=1.0)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"
+    pretrained: str = _f("imagenet", doc="'imagenet' (timm weights), 'none', 'pipeline' (the DAG's "
+                         "pretrain_backbone stage), or a checkpoint path")
+    dilation: bool = _f(False, doc="DC5: dilate the last stage (stride 16)")
+    freeze_bn: bool = True
+    train_stem_and_layer1: bool = False
+    channels: Optional[list[int]] = _f(None, doc="stage widths for the small 'tiny' backbone")
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["detr"] = "detr"
+    backbone: BackboneConfig = _f(factory=BackboneConfig)
+    hidden_dim: int = _f(256, lo=8)
+    nheads: int = _f(8, lo=1)
+    enc_layers: int = _f(6, lo=0)
+    dec_layers: int = _f(6, lo=1)
+    ffn_dim: int = _f(2048, lo=1)
+    dropout: float = _f(0.1, lo=0.0, hi=1.0)
+    num_queries: int = _f(100, lo=1)
+    num_classes: int = _f(91, lo=1, doc="largest category id + 1 (COCO: 91)")
+    aux_loss: bool = True
+    pre_norm: bool = False
+    encoder_attention: Literal["dense"] = "dense"
+
+
+@dataclass
+class LossConfig:
+    ce: float = _f(1.0, lo=0.0)
+    l1: float = _f(5.0, lo=0.0)
+    giou: float = _f(2.0, lo=0.0)
+    eos_coef: float = _f(0.1, lo=0.0, hi=1.0)
+    cost_class: float = _f(1.0, lo=0.0)
+    cost_l1: float = _f(5.0, lo=0.0)
+    cost_giou: float = _f(2.0, lo=0.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(300, lo=1)
+    lr: float = _f(1e-4, lo=0.0, hi=1.0)
+    lr_backbone: float = _f(1e-5, lo=0.0, hi=1.0)
+    weight_decay: float = _f(1e-4, lo=0.0)
+    lr_drop: int = _f(200, lo=1, doc="epoch at which the LR is multiplied by 0.1")
+    warmup_iters: int = _f(0, lo=0)
+    clip_max_norm: float = _f(0.1, lo=0.0)
+    batch_size: int = _f(4, lo=1)
+    num_workers: int = _f(2, lo=0)
+    seed: int = _f(42, lo=0)
+    amp: bool = _f(True, doc="bf16 autocast on CUDA; ignored on CPU")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every_s: float = _f(30.0, lo=0.0)
+    checkpoint_every_iters: int = _f(200, lo=1)
+    max_iters_per_epoch: Optional[int] = _f(None, lo=1, doc="cap (tiny test profile only)")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(8, lo=1)
+    num_workers: int = _f(2, lo=0)
+    max_images: Optional[int] = _f(None, lo=1)
+    flops_images: int = _f(20, lo=0, doc="val images over which GFLOPs are averaged (0 = skip)")
+
+
+@dataclass
+class PretrainConfig:
+    """Backbone pre-training in the DAG (models with backbone.pretrained: pipeline)."""
+    epochs: int = _f(3, lo=1)
+    lr: float = _f(2e-3, lo=0.0, hi=1.0)
+    weight_decay: float = _f(1e-4, lo=0.0)
+    batch_size: int = _f(32, lo=1)
+    seed: int = _f(0, lo=0)
+
+
+@dataclass
+class ProfileConfig:
+    data: DataConfig
+    input: InputConfig
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig
+    eval: EvalConfig
+    pretrain: Optional[PretrainConfig] = None
+
+
+@dataclass
+class ExperimentConfig:
+    """One row-producing experiment: the profile merged with these overrides."""
+    paper: str
+    table: str
+    description: str = ""
+    stages: list[str] = _f(factory=lambda: ["train", "eval"])
+    overrides: dict = _f(factory=dict)
+    profile_overrides: dict = _f(factory=dict)
+
+
+@dataclass
+class FlopsConfig:
+    """Paper-scale FLOPs/params table: models are ModelConfig overrides of the coco profile."""
+    input_sizes: list[list[int]] = _f(factory=lambda: [[800, 1066]])
+    models: dict = _f(factory=dict)
+    paper: str = "detr"
+    table: str = "flops"
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "effdetr"
+
+
+@dataclass
+class Params:
+    profile: Literal["synth", "coco"]
+    profiles: dict
+    experiments: dict
+    flops: FlopsConfig = _f(factory=FlopsConfig)
+    tracking: TrackingConfig = _f(factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# Generic conversion with errors that name file + key path
+# ---------------------------------------------------------------------------------------
+def _check_range(value, meta, file, path):
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if lo is not None and value < lo:
+        raise ConfigError(file, path, f"{value} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(file, path, f"{value} is above the maximum {hi}")
+
+
+def _convert(tp, value, file, path, meta=None):
+    meta = meta or {}
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, file, path, meta)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(file, path, f"{value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, file, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(file, path, f"expected a list, got {type(value).__name__}")
+        return [_convert(args[0], v, file, f"{path}[{i}]", meta) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(file, path, f"expected a mapping, got {type(value).__name__}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(file, path, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(file, path, f"expected an integer, got {value!r}")
+        _check_range(value, meta, file, path)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(file, path, f"expected a number, got {value!r}")
+        _check_range(float(value), meta, file, path)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(file, path, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def build(cls, data, file, path, partial: bool = False):
+    """Convert a mapping into dataclass ``cls``; ``partial`` checks an override only."""
+    if not isinstance(data, dict):
+        raise ConfigError(file, path, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(file, f"{path}.{key}", f"unknown key (allowed: {', '.join(names)})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        sub = f"{path}.{f.name}"
+        if f.name not in data:
+            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if no_default and not partial:
+                raise ConfigError(file, sub, "missing required key")
+            continue
+        tp = hints[f.name]
+        if partial and dataclasses.is_dataclass(_strip_optional(tp)) and isinstance(data[f.name], dict):
+            kwargs[f.name] = build(_strip_optional(tp), data[f.name], file, sub, partial=True)
+        else:
+            kwargs[f.name] = _convert(tp, data[f.name], file, sub, dict(f.metadata))
+    return kwargs if partial else cls(**kwargs)
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0]
+    return tp
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def to_dict(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+
+
+def params_hash(obj) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(path, "<file>", "params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(path, "<file>", f"not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "<root>", "expected a mapping at the top level")
+    return raw
+
+
+def validate_raw(raw: dict, file: str | Path) -> Params:
+    """Validate the whole file: every profile fully, every experiment's merged config."""
+    params = build(Params, raw, file, "params")
+    for name, prof in params.profiles.items():
+        _profile_from_dict(prof, file, f"profiles.{name}")
+    if params.profile not in params.profiles:
+        raise ConfigError(file, "profile", f"{params.profile!r} has no entry under profiles "
+                          f"(have: {sorted(params.profiles)})")
+    for name, exp in params.experiments.items():
+        e = build(ExperimentConfig, exp, file, f"experiments.{name}")
+        for stage in e.stages:
+            if stage not in ("train", "eval"):
+                raise ConfigError(file, f"experiments.{name}.stages", f"unknown stage {stage!r}")
+        for pname in e.profile_overrides:
+            if pname not in params.profiles:
+                raise ConfigError(file, f"experiments.{name}.profile_overrides.{pname}",
+                                  "no such profile")
+        for pname in params.profiles:
+            merged = deep_merge(deep_merge(params.profiles[pname], e.overrides),
+                                e.profile_overrides.get(pname, {}))
+            _profile_from_dict(merged, file, f"experiments.{name}(profile {pname})")
+    coco_model = params.profiles.get("coco", {}).get("model", {})
+    for name, over in params.flops.models.items():
+        build(ModelConfig, deep_merge(coco_model, over), file, f"flops.models.{name}")
+    for i, size in enumerate(params.flops.input_sizes):
+        if len(size) != 2 or min(size) < 16:
+            raise ConfigError(file, f"flops.input_sizes[{i}]", "expected [height, width], each >= 16")
+    return params
+
+
+def _profile_from_dict(d: dict, file, path) -> ProfileConfig:
+    prof = build(ProfileConfig, d, file, path)
+    if prof.data.dataset == "synth" and prof.data.synth is None:
+        raise ConfigError(file, f"{path}.data.synth", "dataset 'synth' needs a synth section")
+    if len(prof.data.area_ranges) != 2 or not 0 < prof.data.area_ranges[0] < prof.data.area_ranges[1]:
+        raise ConfigError(file, f"{path}.data.area_ranges", "expected [small_max_side, medium_max_side], increasing")
+    s = prof.data.synth
+    if s is not None:
+        if s.min_side > s.max_side or s.max_side > s.image_size:
+            raise ConfigError(file, f"{path}.data.synth.max_side", "need min_side <= max_side <= image_size")
+        if s.min_objects > s.max_objects:
+            raise ConfigError(file, f"{path}.data.synth.min_objects", "must not exceed max_objects")
+    m = prof.model
+    if m.backbone.pretrained == "pipeline" and prof.pretrain is None:
+        raise ConfigError(file, f"{path}.model.backbone.pretrained", "'pipeline' needs a pretrain section in the profile")
+    if m.hidden_dim % m.nheads:
+        raise ConfigError(file, f"{path}.model.nheads", f"hidden_dim {m.hidden_dim} is not divisible by {m.nheads}")
+    if not prof.input.train_scales:
+        raise ConfigError(file, f"{path}.input.train_scales", "needs at least one scale")
+    return prof
+
+
+def load_params(path: str | Path) -> tuple[Params, dict]:
+    raw = read_yaml(path)
+    return validate_raw(raw, path), raw
+
+
+def profile_config(path: str | Path, profile: str | None = None) -> ProfileConfig:
+    params, raw = load_params(path)
+    name = profile or params.profile
+    return _profile_from_dict(raw["profiles"][name], path, f"profiles.{name}")
+
+
+def experiment_config(path: str | Path, experiment: str) -> tuple[ProfileConfig, ExperimentConfig]:
+    """The resolved config an experiment's commands read (profile + its overrides)."""
+    params, raw = load_params(path)
+    if experiment not in params.experiments:
+        raise ConfigError(path, f"experiments.{experiment}",
+                          f"no such experiment (have: {', '.join(sorted(params.experiments))})")
+    exp = build(ExperimentConfig, raw["experiments"][experiment], path, f"experiments.{experiment}")
+    merged = deep_merge(deep_merge(raw["profiles"][params.profile], exp.overrides),
+                        exp.profile_overrides.get(params.profile, {}))
+    return _profile_from_dict(merged, path, f"experiments.{experiment}"), exp
+
+
+def flops_model_configs(path: str | Path) -> dict[str, ModelConfig]:
+    params, raw = load_params(path)
+    coco_model = raw.get("profiles", {}).get("coco", {}).get("model", {})
+    return {n: build(ModelConfig, deep_merge(coco_model, o), path, f"flops.models.{n}")
+            for n, o in params.flops.models.items()}

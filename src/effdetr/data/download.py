@@ -1,0 +1,150 @@
+"""COCO 2017: resumable, verified download and atomic extraction (or checking a local copy).
+
+Each archive goes to ``<name>.zip.part``; an interrupted transfer resumes with an HTTP
+Range request. Only after the size, then the MD5, then the zip's own CRCs check out is the
+file renamed to ``<name>.zip``. A file that fails a check is renamed ``*.bad`` (kept, never
+deleted) and the error names it with expected vs. found values. Extraction goes to a
+temporary folder beside the target and is moved into place with renames.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Archive:
+    path: str  # path under base_url
+    size: int
+    md5: str
+
+
+COCO2017 = {
+    "train2017": Archive("zips/train2017.zip", 19_336_861_798, "cced6f7f71b7629ddf16f17bbcfab6b2"),
+    "val2017": Archive("zips/val2017.zip", 815_585_330, "442b8da7639aecaf257c1dceb8ba8c80"),
+    "annotations_trainval2017": Archive("annotations/annotations_trainval2017.zip", 252_907_541,
+                                        "f4bbac642086de4f52a3fdda2de5fa2c"),
+}
+CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _quarantine(path: Path, why: str) -> DownloadError:
+    bad = path.with_name(path.name + ".bad")
+    os.replace(path, bad)
+    return DownloadError(f"{path}: {why}; kept as {bad} (delete it to download again)")
+
+
+def fetch(url: str, dest: Path, archive: Archive, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` (resuming ``dest.part``) and verify it. Idempotent."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    if have > archive.size:
+        raise _quarantine(part, f"partial file is {have} bytes, larger than the expected {archive.size}")
+    if have < archive.size:
+        req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                if have and resp.status != 206:
+                    print(f"[download] {url}: server ignored the range request; restarting")
+                    have = 0
+                with open(part, "ab" if have else "wb") as f:
+                    while block := resp.read(CHUNK):
+                        f.write(block)
+        except (urllib.error.URLError, OSError) as e:
+            got = part.stat().st_size if part.exists() else 0
+            raise DownloadError(f"{url}: transfer failed after {got} of {archive.size} bytes ({e}); "
+                                f"rerun to resume from {part}") from None
+    size = part.stat().st_size
+    if size != archive.size:
+        if size < archive.size:
+            raise DownloadError(f"{part}: size {size} bytes, expected {archive.size} (truncated); rerun to resume")
+        raise _quarantine(part, f"size {size} bytes, expected {archive.size}")
+    digest = md5sum(part)
+    if digest != archive.md5:
+        raise _quarantine(part, f"MD5 {digest}, expected {archive.md5}")
+    try:
+        with zipfile.ZipFile(part) as z:
+            broken = z.testzip()
+    except zipfile.BadZipFile as e:
+        raise _quarantine(part, f"not a valid zip ({e})") from None
+    if broken is not None:
+        raise _quarantine(part, f"zip member {broken} fails its CRC check")
+    os.replace(part, dest)
+    return dest
+
+
+def extract(zip_path: Path, root: Path) -> None:
+    """Unpack into a temp folder under root, then rename each top-level entry into place."""
+    marker = root / f".{zip_path.stem}.extracted"
+    if marker.exists():
+        return
+    tmp = root / f".extract-{zip_path.stem}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(tmp)
+    for entry in tmp.iterdir():
+        target = root / entry.name
+        if target.exists():
+            if entry.is_dir():  # e.g. annotations/ shared by several archives: merge files
+                for f in entry.rglob("*"):
+                    dst = target / f.relative_to(entry)
+                    if f.is_file() and not dst.exists():
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(f, dst)
+            continue
+        os.replace(entry, target)
+    shutil.rmtree(tmp)
+    marker.write_text("ok\n")
+
+
+def check_layout(root: Path) -> None:
+    """An existing/extracted copy must have the folders and annotation files we read."""
+    from .coco import load_annotations
+    for split in ("train", "val"):
+        img_dir, ann = root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
+        if not img_dir.is_dir():
+            raise DownloadError(f"{img_dir}: image folder missing (data.coco.existing = {root})")
+        load_annotations(ann, img_dir)
+
+
+def prepare_coco(cfg, root: str | Path, archives: dict[str, Archive] = COCO2017) -> Path:
+    """Download + verify + extract the configured splits into root, or check cfg.existing."""
+    root = Path(root)
+    if cfg.existing:
+        src = Path(cfg.existing)
+        check_layout(src)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        if not root.exists():
+            root.symlink_to(src.resolve(), target_is_directory=True)
+        return root
+    for name in cfg.splits:
+        if name not in archives:
+            raise DownloadError(f"data.coco.splits: unknown archive '{name}' (known: {', '.join(archives)})")
+        arc = archives[name]
+        url = f"{cfg.base_url.rstrip('/')}/{arc.path}"
+        zip_path = fetch(url, root / "zips" / Path(arc.path).name, arc)
+        extract(zip_path, root)
+    return root

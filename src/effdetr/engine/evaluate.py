@@ -1,0 +1,69 @@
+"""Run a detector over a dataset and score it with COCOeval."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.coco import CocoDetection, collate
+from ..evaluation.coco_eval import coco_evaluate, load_coco_gt
+from ..evaluation.flops import DETR_PARTS, count_flops
+from ..models.postprocess import postprocess
+
+
+@torch.no_grad()
+def predict(model, loader: DataLoader, device: torch.device, amp: bool = False) -> tuple[list[dict], list[int], float]:
+    """COCO-format detections, evaluated image ids, and seconds per image (model only)."""
+    model.eval()
+    detections, image_ids, model_time = [], [], 0.0
+    for images, masks, targets in loader:
+        images, masks = images.to(device), masks.to(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            out = model(images, masks)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        model_time += time.perf_counter() - t0
+        orig = torch.stack([t["orig_size"] for t in targets]).to(device)
+        for tgt, res in zip(targets, postprocess(out, orig)):
+            iid = int(tgt["image_id"])
+            image_ids.append(iid)
+            boxes = res["boxes"].cpu()
+            boxes[:, 2:] -= boxes[:, :2]
+            for score, label, box in zip(res["scores"].tolist(), res["labels"].tolist(), boxes.tolist()):
+                detections.append({"image_id": iid, "category_id": int(label), "bbox": box, "score": float(score)})
+    return detections, image_ids, model_time / max(len(image_ids), 1)
+
+
+@torch.no_grad()
+def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, float]:
+    """GMACs per part averaged over the first images, one at a time at their own size
+    (attention cost depends on the token count, and for ACT on the image content)."""
+    parts = getattr(model, "flops_parts", DETR_PARTS)
+    device = next(model.parameters()).device
+    sums: dict[str, float] = {}
+    n = min(num_images, len(dataset))
+    for i in range(n):
+        img, _ = dataset[i]
+        mask = torch.zeros(1, *img.shape[-2:], dtype=torch.bool, device=device)
+        for k, v in count_flops(model, img[None].to(device), mask, parts).items():
+            sums[k] = sums.get(k, 0.0) + v / n
+    sums["transformer"] = sums["total"] - sums["backbone"]
+    return {f"gmacs_{k}": v for k, v in sums.items()}
+
+
+def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num_workers: int,
+                     area_ranges, amp: bool = False, flops_images: int = 0) -> dict:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    dets, ids, sec_per_img = predict(model, loader, device, amp)
+    gt = load_coco_gt(str(dataset.ann_file))
+    # Labels without a category (e.g. the holes in COCO ids) can never match; drop them.
+    valid = set(gt.getCatIds())
+    dets = [d for d in dets if d["category_id"] in valid]
+    stats = coco_evaluate(gt, dets, ids, area_ranges)
+    stats["sec_per_image"] = sec_per_img
+    stats["num_images"] = len(ids)
+    if flops_images:
+        stats.update(mean_flops(model, dataset, flops_images))
+    return stats

@@ -1,0 +1,190 @@
+"""Training loop with exact resume.
+
+Resumable state (model, optimizer, epoch, iteration, RNG states, running meters) lives in
+``work_dir/last.pt`` -- outside anything Snakemake/DVC declare, so a killed job's rerun
+picks it up. ``work_dir`` is keyed by the params hash, so a params edit never resumes a
+stale run. Augmentation randomness is seeded per sample from (seed, epoch, position), and
+the shuffle order from (seed, epoch), so skipping the first k batches of an epoch after a
+restart reproduces exactly what an uninterrupted run would have seen (bitwise on CPU).
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data.coco import CocoDetection, collate, split_paths
+from ..data.transforms import build_transforms
+from ..models import build_model
+from ..models.backbone import load_backbone_weights
+from ..models.criterion import build_criterion
+from ..utils.repro import resolve_device, rng_state, seed_everything, set_rng_state
+from .checkpoint import load_checkpoint, save_atomic
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset; items are requested as (index, seed) so augmentation is replayable."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        random.seed(seed)
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+
+class EpochSampler(Sampler):
+    """The (index, seed) stream of one epoch, starting after ``skip`` samples."""
+
+    def __init__(self, n: int, seed: int, epoch: int, skip: int = 0):
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        self.items = [(idx, seed * 1000003 + epoch * 10007 + pos) for pos, idx in enumerate(order)][skip:]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
+def lr_factor(cfg, epoch: int, step: int) -> float:
+    """Linear warm-up over ``warmup_iters`` global steps, x0.1 from epoch ``lr_drop``."""
+    warm = min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters else 1.0
+    return warm * (0.1 if epoch >= cfg.lr_drop else 1.0)
+
+
+class Progress:
+    """tqdm-like bar on a TTY, one-line periodic logs otherwise (SLURM-friendly)."""
+
+    def __init__(self, every_s: float):
+        self.every_s, self.last = every_s, 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, epoch: int, it: int, total: int, loss: float, lr: float, ips: float):
+        now = time.time()
+        msg = f"epoch {epoch} iter {it}/{total} loss {loss:.4f} lr {lr:.2e} {ips:.1f} img/s"
+        if self.tty:
+            print("\r" + msg, end="", file=sys.stderr, flush=True)
+        elif now - self.last >= self.every_s or it == total:
+            print(msg, flush=True)
+            self.last = now
+
+
+def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=None,
+          model_builder=build_model, backbone_weights: str | None = None) -> dict:
+    """Train ``cfg`` (a ProfileConfig); returns the final epoch's metrics.
+
+    ``backbone_weights``: the pretrain stage's file, for ``backbone.pretrained: pipeline``.
+    """
+    t = cfg.train
+    device = resolve_device(t.device)
+    seed_everything(t.seed)
+    img_dir, ann = split_paths(cfg.data, "train", data_root)
+    dataset = CocoDetection(img_dir, ann, build_transforms(cfg.input, train=True), cfg.model.num_classes)
+    if dataset.dropped:
+        print(f"[data] {ann}: dropped {dataset.dropped} boxes with no area inside their image")
+    model = model_builder(cfg.model)
+    if cfg.model.backbone.pretrained == "pipeline":
+        if not backbone_weights:
+            raise ValueError("model.backbone.pretrained is 'pipeline' but no --backbone weights were given")
+        load_backbone_weights(model.backbone.body, backbone_weights)
+    model.to(device)
+    criterion = build_criterion(cfg.model, cfg.loss).to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(t.lr, t.lr_backbone, t.weight_decay),
+                                  lr=t.lr, weight_decay=t.weight_decay)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    iters_per_epoch = math.ceil(len(dataset) / t.batch_size)
+    if t.max_iters_per_epoch:
+        iters_per_epoch = min(iters_per_epoch, t.max_iters_per_epoch)
+
+    work = Path(work_dir)
+    state_path = work / "last.pt"
+    start_epoch, start_iter, step, history, meters = 0, 0, 0, [], {}
+    if state_path.exists():
+        st = load_checkpoint(state_path, trusted=True)
+        if st.get("params_hash") != phash:
+            raise RuntimeError(f"{state_path}: written for params hash {st.get('params_hash')}, not {phash}")
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        start_epoch, start_iter, step = st["epoch"], st["iter"], st["step"]
+        history, meters = st["history"], st["meters"]
+        set_rng_state(st["rng"])
+        print(f"[train] resuming from {state_path}: epoch {start_epoch} iter {start_iter}")
+
+    def snapshot(epoch, it):
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "iter": it, "step": step, "history": history, "meters": meters, "rng": rng_state(),
+                     "params_hash": phash}, state_path)
+
+    num_aux = cfg.model.dec_layers - 1 if cfg.model.aux_loss else 0
+    progress = Progress(t.log_every_s)
+    amp = t.amp and device.type == "cuda"
+    for epoch in range(start_epoch, t.epochs):
+        skip = start_iter * t.batch_size if epoch == start_epoch else 0
+        sampler = EpochSampler(len(dataset), t.seed, epoch, skip)
+        loader = DataLoader(SeededSamples(dataset), batch_size=t.batch_size, sampler=sampler,
+                            num_workers=t.num_workers, collate_fn=collate, drop_last=False)
+        model.train()
+        t_epoch, seen = time.time(), 0
+        it = start_iter if epoch == start_epoch else 0
+        if it == 0:
+            meters = {}
+        for images, masks, targets in loader:
+            if it >= iters_per_epoch:
+                break
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * lr_factor(t, epoch, step)
+            images, masks = images.to(device), masks.to(device)
+            targets = [{k: v.to(device) for k, v in tg.items()} for tg in targets]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                outputs = model(images, masks)
+            losses = criterion(outputs, targets)
+            total = criterion.total(losses, num_aux)
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"loss is {total.item()} at epoch {epoch} iter {it}; "
+                                         f"components: { {k: v.item() for k, v in losses.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if t.clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_max_norm)
+            optimizer.step()
+            it += 1
+            step += 1
+            seen += len(images)
+            for k, v in [("loss", total.item())] + [(k, v.item()) for k, v in losses.items() if "_" not in k[5:]]:
+                s, n = meters.get(k, (0.0, 0))
+                meters[k] = (s + v, n + 1)
+            progress.update(epoch, it, iters_per_epoch, total.item(), optimizer.param_groups[0]["lr"],
+                            seen / max(time.time() - t_epoch, 1e-9))
+            if it % t.checkpoint_every_iters == 0 and it < iters_per_epoch:
+                snapshot(epoch, it)
+        epoch_metrics = {f"train_{k}": s / max(n, 1) for k, (s, n) in meters.items()}
+        epoch_metrics.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], epoch_seconds=time.time() - t_epoch)
+        history.append(epoch_metrics)
+        if progress.tty:
+            print(file=sys.stderr)
+        print(f"[train] epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()), flush=True)
+        if run is not None:
+            run.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch)
+        start_iter, meters = 0, {}
+        snapshot(epoch + 1, 0)
+
+    save_atomic({"model": model.state_dict(), "model_config": _asdict(cfg.model), "params_hash": phash,
+                 "epochs": t.epochs}, out_path)
+    return {"final": history[-1] if history else {}, "history": history}
+
+
+def _asdict(obj):
+    import dataclasses
+    return dataclasses.asdict(obj)

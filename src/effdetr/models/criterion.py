@@ -1,0 +1,71 @@
+"""DETR set criterion: matched CE (down-weighted no-object), L1 and GIoU, with aux losses."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .matcher import HungarianMatcher
+
+
+class SetCriterion(nn.Module):
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
+                 eos_coef: float = 0.1):
+        super().__init__()
+        self.num_classes, self.matcher = num_classes, matcher
+        self.base_weights = dict(weight_dict)
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+        self.losses = {"loss_ce": self.loss_labels, "loss_bbox": self.loss_boxes}
+
+    def weight_dict(self, num_aux: int) -> dict[str, float]:
+        """Weights for the final layer's losses and each auxiliary layer's (suffix _i)."""
+        out = dict(self.base_weights)
+        for i in range(num_aux):
+            out.update({f"{k}_{i}": v for k, v in self.base_weights.items()})
+        return out
+
+    def loss_labels(self, out: dict, targets: list[dict], indices, num_boxes: float) -> dict:
+        logits = out["pred_logits"].float()
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        for i, (src, tgt) in enumerate(indices):
+            target_classes[i, src.to(logits.device)] = targets[i]["labels"][tgt]
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        return {"loss_ce": loss}
+
+    def loss_boxes(self, out: dict, targets: list[dict], indices, num_boxes: float) -> dict:
+        pred = torch.cat([out["pred_boxes"][i, src] for i, (src, _) in enumerate(indices)]).float()
+        gt = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).float()
+        l1 = F.l1_loss(pred, gt, reduction="none").sum() / num_boxes
+        if len(pred) == 0:
+            giou = pred.sum()
+        else:
+            giou = (1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt)))).sum() / num_boxes
+        return {"loss_bbox": l1, "loss_giou": giou}
+
+    def _single(self, out: dict, targets: list[dict], num_boxes: float, suffix: str = "") -> dict:
+        indices = self.matcher(out, targets)
+        losses = {}
+        for fn in self.losses.values():
+            losses.update({k + suffix: v for k, v in fn(out, targets, indices, num_boxes).items()})
+        return losses
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        """Unweighted losses by name; combine with :meth:`weight_dict`."""
+        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        losses = self._single(outputs, targets, num_boxes)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update(self._single(aux, targets, num_boxes, f"_{i}"))
+        return losses
+
+    def total(self, losses: dict[str, Tensor], num_aux: int) -> Tensor:
+        w = self.weight_dict(num_aux)
+        return sum(losses[k] * w[k] for k in losses if k in w)
+
+
+def build_criterion(model_cfg, loss_cfg) -> SetCriterion:
+    matcher = HungarianMatcher(loss_cfg.cost_class, loss_cfg.cost_l1, loss_cfg.cost_giou)
+    weights = {"loss_ce": loss_cfg.ce, "loss_bbox": loss_cfg.l1, "loss_giou": loss_cfg.giou}
+    return SetCriterion(model_cfg.num_classes, matcher, weights, loss_cfg.eos_coef)

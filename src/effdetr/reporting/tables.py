@@ -1,0 +1,165 @@
+"""Regenerate every paper table under reports/ from the metrics JSON files.
+
+Each table row is (model, metric, paper, reproduced, delta, claim holds?). Paper numbers
+come only from the YAML data in ``reporting/paper``; reproduced numbers only from the
+metrics written by the pipeline's own stages. Under each table: the protocol and the
+provenance (commit, params hash, MLflow run ids) of every number in it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from .paper import load_paper_tables
+from .plots import plot_training_curves
+
+AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}
+COLUMNS = ["model", "metric", "paper", "reproduced", "delta", "claim holds at this scale"]
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def experiment_values(metrics_dir: Path, name: str) -> tuple[dict, list[dict]]:
+    """Reproduced numbers of one experiment (AP-type in percent, as the papers print them)."""
+    ev = _read(metrics_dir / name / "eval.json")
+    tr = _read(metrics_dir / name / "train.json")
+    values, prov = {}, []
+    if ev:
+        for k, v in ev["stats"].items():
+            values[k] = 100 * v if k in AP_KEYS else v
+        prov.append({"what": f"eval {name}", **ev["provenance"]})
+    if tr:
+        values["train_seconds"] = tr["train_seconds"]
+        prov.append({"what": f"train {name}", **tr["provenance"]})
+    return values, prov
+
+
+def flops_values(metrics_dir: Path) -> tuple[dict[str, dict], list[dict], dict | None]:
+    data = _read(metrics_dir / "flops.json")
+    if not data:
+        return {}, [], None
+    rows = {name: {"gflops": m["gmacs"]["total"], "params_m": m["params_m"],
+                   **{f"gflops_{k}": v for k, v in m["gmacs"].items() if k != "total"}}
+            for name, m in data["models"].items()}
+    return rows, [{"what": "flops", **data["provenance"]}], data
+
+
+def judge(claim, paper: float | None, repro: float | None) -> str:
+    if claim == "reference":
+        return "reference row"
+    if repro is None or (isinstance(repro, float) and math.isnan(repro)):
+        return "not run"
+    if isinstance(claim, dict) and "rel_tol" in claim and paper:
+        rel = (repro - paper) / paper
+        ok = abs(rel) <= claim["rel_tol"]
+        return f"{'yes' if ok else 'no'} ({rel:+.1%}, tolerance ±{claim['rel_tol']:.0%})"
+    return "n/a"
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def table_rows(spec: dict, reproduced: dict[str, dict]) -> list[list[str]]:
+    rows = []
+    for key, row in spec["rows"].items():
+        got = reproduced.get(key, {})
+        for metric in spec["metrics"]:
+            paper, repro = row.get(metric), got.get(metric)
+            delta = repro - paper if paper is not None and repro is not None else None
+            rows.append([row.get("label", key), metric, _fmt(paper), _fmt(repro), _fmt(delta),
+                         judge(row.get("claim"), paper, repro)])
+    return rows
+
+
+def render_markdown(tid: str, spec: dict, rows: list[list[str]], prov: list[dict], context: dict) -> str:
+    out = io.StringIO()
+    out.write(f"# {spec['title']}\n\n")
+    out.write(f"Source: {spec['paper']} — paper numbers from `src/effdetr/reporting/paper/{spec['source']}`.\n")
+    out.write(f"Profile: `{context['profile']}`. AP/AR in percent; GFLOPs = GMACs (one multiply-add = one FLOP).\n\n")
+    out.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
+    for r in rows:
+        out.write("| " + " | ".join(r) + " |\n")
+    out.write(f"\n**Protocol.** {spec.get('protocol', '').strip()}\n")
+    if context.get("note"):
+        out.write(f"\n{context['note']}\n")
+    out.write("\n**Provenance.**\n\n")
+    for p in prov:
+        git = p.get("git", {})
+        out.write(f"- {p['what']}: commit `{git.get('sha', '?')[:12]}`{' (dirty)' if git.get('dirty') else ''}, "
+                  f"params hash `{p.get('params_hash')}`, MLflow run `{p.get('mlflow_run_id')}`\n")
+    out.write(f"- report: params hash `{context['params_hash']}`, MLflow run `{context['run_id']}`\n")
+    return out.getvalue()
+
+
+def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: str, run_id: str | None) -> list[Path]:
+    """Write reports/tables/<table>.{md,csv}, figures and the reports/README.md index."""
+    tables_dir, fig_dir = out_dir / "tables", out_dir / "figures"
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    specs = load_paper_tables()
+    flops_rows, flops_prov, flops_data = flops_values(metrics_dir)
+    written: list[Path] = []
+    index = []
+    context = {"profile": params.profile, "params_hash": phash, "run_id": run_id}
+
+    wanted: dict[str, list[str]] = {}
+    for name, exp in params.experiments.items():
+        wanted.setdefault(exp["table"], []).append(name)
+    if params.flops.models:
+        wanted.setdefault(params.flops.table, [])
+
+    for tid in sorted(wanted):
+        if tid not in specs:
+            raise ValueError(f"params.yaml: experiments/flops name table '{tid}', which has no paper data "
+                             f"(known: {', '.join(sorted(specs))})")
+        spec = specs[tid]
+        if tid == params.flops.table:
+            reproduced, prov = flops_rows, flops_prov
+            sizes = flops_data["input_sizes"] if flops_data else params.flops.input_sizes
+            note = f"Input sizes (h, w) averaged: {sizes}."
+        else:
+            reproduced, prov = {}, []
+            for name in wanted[tid]:
+                reproduced[name], p = experiment_values(metrics_dir, name)
+                prov += p
+            note = ("SynthCOCO is not COCO: compare *relations* between rows (the claims), not "
+                    "absolute values, with the paper." if params.profile == "synth" else "")
+        rows = table_rows(spec, reproduced)
+        ctx = {**context, "note": note}
+        md, csv_path = tables_dir / f"{tid}.md", tables_dir / f"{tid}.csv"
+        md.write_text(render_markdown(tid, spec, rows, prov, ctx))
+        with open(csv_path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(COLUMNS)
+            w.writerows(rows)
+        written += [md, csv_path]
+        index.append((tid, spec["title"], spec["paper"]))
+
+    for name in params.experiments:
+        tr = _read(metrics_dir / name / "train.json")
+        if tr and tr.get("history"):
+            png = fig_dir / f"{name}_training.png"
+            plot_training_curves(tr["history"], f"{name}: training losses per epoch", png)
+            written.append(png)
+
+    readme = out_dir / "README.md"
+    lines = ["# effdetr reports", "",
+             "Regenerated by `snakemake all` / `dvc repro` (stage `report`); do not edit by hand.",
+             f"Profile: `{params.profile}`. Every table has paper / reproduced / delta / claim columns and "
+             "lists the commit, params hash and MLflow run of each number.", "", "## Tables", ""]
+    lines += [f"- [{title}](tables/{tid}.md) ([csv](tables/{tid}.csv)) — {paper}" for tid, title, paper in index]
+    figs = sorted(p.name for p in written if p.suffix == ".png")
+    if figs:
+        lines += ["", "## Figures", ""] + [f"- [{f}](figures/{f})" for f in figs]
+    lines += ["", "Raw metrics: [metrics/](metrics/) (JSON, one folder per experiment).", ""]
+    readme.write_text("\n".join(lines))
+    written.append(readme)
+    return written

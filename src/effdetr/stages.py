@@ -1,0 +1,176 @@
+"""The DAG as plain data: one table drives both Snakemake rules and the generated dvc.yaml.
+
+Each :class:`Stage` names the one ``effdetr`` command it runs, the params keys it reads
+(DVC ``params:``; Snakemake gets their canonical JSON in ``params:`` so an edit reruns
+exactly the stages that read it), its deps -- source folders included -- and its outs.
+No torch import here: Snakemake parses this module.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, read_yaml
+
+SRC = "src/effdetr"
+COMMON_SRC = [f"{SRC}/config.py", f"{SRC}/cli.py", f"{SRC}/tracking.py", f"{SRC}/utils"]
+MODEL_SRC = [f"{SRC}/models", f"{SRC}/ops"]
+
+
+@dataclass
+class Stage:
+    name: str
+    cmd: list[str]
+    params_keys: list[str]
+    deps: list[str] = field(default_factory=list)
+    outs: list[str] = field(default_factory=list)
+    out_dirs: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    heavy: bool = False  # uses all cores (Snakemake runs heavy stages one at a time)
+    persist: bool = False
+
+    @property
+    def shell(self) -> str:
+        return " ".join(self.cmd)
+
+    @property
+    def log(self) -> str:
+        return f"logs/{self.name}.log"
+
+    def params_json(self, raw: dict) -> str:
+        """Canonical JSON of exactly the params this stage's command reads."""
+        return json.dumps({k: lookup(raw, k) for k in self.params_keys}, sort_keys=True, separators=(",", ":"))
+
+    def all_outputs(self) -> list[str]:
+        return self.outs + self.out_dirs + self.metrics
+
+
+def lookup(raw: dict, dotted: str):
+    node = raw
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
+    profile = raw["profile"]
+    prof_key = f"profiles.{profile}"
+    try:
+        data = raw["profiles"][profile]["data"]
+    except (KeyError, TypeError):
+        raise ConfigError(params_file, f"{prof_key}.data", "missing") from None
+    root = data["root"]
+    p = ["--params", params_file]
+    stages: list[Stage] = []
+
+    kind = data["dataset"]
+    data_src = [f"{SRC}/data/synthcoco.py"] if kind == "synth" else [f"{SRC}/data/download.py"]
+    stages.append(Stage("data", ["effdetr", "data", kind, *p, "--out", root],
+                        ["profile", f"{prof_key}.data"], deps=data_src + COMMON_SRC, out_dirs=[root],
+                        persist=kind == "coco"))
+
+    backbone_file = "data/checkpoints/backbone.pt"
+    prof = raw["profiles"][profile]
+    if prof.get("pretrain"):
+        metrics = "reports/metrics/backbone/pretrain.json"
+        stages.append(Stage("pretrain_backbone",
+                            ["effdetr", "pretrain", *p, "--data", root, "--out", backbone_file, "--metrics", metrics],
+                            ["profile", f"{prof_key}.pretrain", f"{prof_key}.data", f"{prof_key}.input",
+                             f"{prof_key}.model.backbone", f"{prof_key}.model.num_classes", f"{prof_key}.train.device"],
+                            deps=[root, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + COMMON_SRC,
+                            outs=[backbone_file], metrics=[metrics], heavy=True))
+
+    train_keys = [f"{prof_key}.{s}" for s in ("data", "input", "model", "loss", "train")]
+    eval_keys = [f"{prof_key}.{s}" for s in ("data", "input", "model", "train", "eval")]
+    report_deps = []
+    for name, exp in sorted(raw.get("experiments", {}).items()):
+        ckpt = f"data/checkpoints/{name}.pt"
+        exp_keys = ["profile", f"experiments.{name}"]
+        stage_list = exp.get("stages", ["train", "eval"])
+        if "train" in stage_list:
+            metrics = f"reports/metrics/{name}/train.json"
+            pretrained = _merged_backbone(raw, profile, exp).get("pretrained")
+            extra = ["--backbone", backbone_file] if pretrained == "pipeline" else []
+            stages.append(Stage(f"train_{name}",
+                                ["effdetr", "train", *p, "--experiment", name, "--data", root, "--out", ckpt,
+                                 "--metrics", metrics, *extra],
+                                exp_keys + train_keys,
+                                deps=[root, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + COMMON_SRC
+                                + ([backbone_file] if extra else []),
+                                outs=[ckpt], metrics=[metrics], heavy=True))
+            report_deps.append(metrics)
+        if "eval" in stage_list:
+            metrics = f"reports/metrics/{name}/eval.json"
+            stages.append(Stage(f"eval_{name}",
+                                ["effdetr", "eval", *p, "--experiment", name, "--data", root, "--checkpoint", ckpt,
+                                 "--out", metrics],
+                                exp_keys + eval_keys,
+                                deps=[root, ckpt, f"{SRC}/engine", f"{SRC}/data", f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC,
+                                metrics=[metrics], heavy=True))
+            report_deps.append(metrics)
+
+    if raw.get("flops", {}).get("models"):
+        metrics = "reports/metrics/flops.json"
+        stages.append(Stage("flops", ["effdetr", "flops", *p, "--out", metrics],
+                            ["flops", "profiles.coco.model"],
+                            deps=[f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC, metrics=[metrics], heavy=True))
+        report_deps.append(metrics)
+
+    stages.append(Stage("report", ["effdetr", "report", *p, "--metrics", "reports/metrics", "--out", "reports"],
+                        ["profile", "experiments", "flops"],
+                        deps=report_deps + [f"{SRC}/reporting"] + COMMON_SRC,
+                        outs=["reports/README.md"], out_dirs=["reports/tables", "reports/figures"]))
+    return stages
+
+
+def _merged_backbone(raw: dict, profile: str, exp: dict) -> dict:
+    bb = dict(raw["profiles"][profile].get("model", {}).get("backbone", {}))
+    for over in (exp.get("overrides", {}), exp.get("profile_overrides", {}).get(profile, {})):
+        bb.update(over.get("model", {}).get("backbone", {}))
+    return bb
+
+
+def load_raw(params_file: str) -> dict:
+    """Parse and fully validate params (errors name file + key) before building the DAG."""
+    from .config import validate_raw
+    raw = read_yaml(params_file)
+    validate_raw(raw, params_file)
+    return raw
+
+
+def expand_deps(deps: list[str], root: Path = Path(".")) -> list[str]:
+    """Folders become their .py files (Snakemake compares file times, not folder times)."""
+    out = []
+    for d in deps:
+        p = root / d
+        if d.startswith(SRC) and p.is_dir():
+            out.extend(sorted(str(f.relative_to(root)) for f in p.rglob("*.py")))
+        else:
+            out.append(d)
+    return out
+
+
+def render_dvc(raw: dict, params_file: str = "params.yaml") -> str:
+    doc = {"stages": {}}
+    for st in build_stages(raw, params_file):
+        entry: dict = {"cmd": st.shell, "deps": list(st.deps)}
+        entry["params"] = [{params_file: list(st.params_keys)}] if params_file != "params.yaml" else list(st.params_keys)
+        outs = []
+        for o in st.outs + st.out_dirs:
+            if o.startswith("reports/"):
+                outs.append({o: {"cache": False}})
+            elif st.persist:
+                outs.append({o: {"cache": False, "persist": True}})
+            else:
+                outs.append(o)
+        if outs:
+            entry["outs"] = outs
+        if st.metrics:
+            entry["metrics"] = [{m: {"cache": False}} for m in st.metrics]
+        doc["stages"][st.name] = entry
+    header = ("# GENERATED by `effdetr dag dvc` from src/effdetr/stages.py and params.yaml -- do not edit.\n"
+              "# Re-render after changing experiments or the profile: `effdetr dag dvc --out dvc.yaml`.\n")
+    return header + yaml.safe_dump(doc, sort_keys=False, width=120)

@@ -1,0 +1,59 @@
+"""Reproducibility helpers: seeds, RNG state capture, git provenance, environment."""
+from __future__ import annotations
+
+import os
+import platform
+import random
+import subprocess
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def git_info(cwd: str | None = None) -> dict:
+    """{'sha', 'dirty'}; sha 'unknown' outside a git checkout."""
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    try:
+        sha = run("rev-parse", "HEAD")
+        if sha.returncode != 0:
+            return {"sha": "unknown", "dirty": True}
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+        return {"sha": sha.stdout.strip(), "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": "unknown", "dirty": True}
+
+
+def environment() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,41 @@
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "data" / "params_tiny.yaml"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> Path:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from effdetr.config import experiment_config
+    return experiment_config(TINY, "detr_dc5")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_cfg) -> Path:
+    from effdetr.data.synthcoco import generate
+    root = tmp_path_factory.mktemp("synth")
+    generate(tiny_cfg.data.synth, root)
+    return root
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A scratch copy of the repo's workflow files, as a user's checkout would have them."""
+    for name in ("workflow", "params.yaml", ".dvcignore"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    (tmp_path / "src").symlink_to(REPO / "src")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    monkeypatch.setenv("PATH", f"{BIN}:{__import__('os').environ['PATH']}")
+    return tmp_path

@@ -1,0 +1,65 @@
+import copy
+
+import pytest
+import yaml
+
+from effdetr.config import ConfigError, experiment_config, load_params, validate_raw
+from tests.conftest import REPO, TINY
+
+
+@pytest.fixture
+def raw():
+    return yaml.safe_load(TINY.read_text())
+
+
+def test_repo_params_are_valid():
+    params, _ = load_params(REPO / "params.yaml")
+    assert params.profile in ("synth", "coco")
+    for name in params.experiments:
+        experiment_config(REPO / "params.yaml", name)
+
+
+@pytest.mark.parametrize("mutate,path,msg", [
+    (lambda r: r["profiles"]["synth"]["train"].update(epochz=3), "profiles.synth.train.epochz", "unknown key"),
+    (lambda r: r["profiles"]["synth"]["train"].update(epochs="ten"), "profiles.synth.train.epochs", "expected an integer"),
+    (lambda r: r["profiles"]["synth"]["train"].update(epochs=0), "profiles.synth.train.epochs", "below the minimum"),
+    (lambda r: r["profiles"]["synth"]["train"].update(amp="yes"), "profiles.synth.train.amp", "true/false"),
+    (lambda r: r["profiles"]["synth"]["loss"].update(eos_coef=1.5), "profiles.synth.loss.eos_coef", "above the maximum"),
+    (lambda r: r["profiles"]["synth"]["data"].update(dataset="voc"), "profiles.synth.data.dataset", "not one of"),
+    (lambda r: r["profiles"]["synth"]["model"].update(nheads=5), "profiles.synth.model.nheads", "not divisible"),
+    (lambda r: r.update(profile="imagenet"), "profile", "not one of"),
+    (lambda r: r["experiments"]["detr_dc5"]["overrides"].update(model={"hiden_dim": 3}),
+     "experiments.detr_dc5(profile synth).model.hiden_dim", "unknown key"),
+    (lambda r: r["experiments"]["detr_dc5"].update(stages=["train", "dance"]), "experiments.detr_dc5.stages", "unknown stage"),
+    (lambda r: r["profiles"]["synth"]["model"]["backbone"].update(pretrained="pipeline"),
+     "profiles.synth.model.backbone.pretrained", "needs a pretrain section"),
+    (lambda r: r["flops"].update(input_sizes=[[64]]), "flops.input_sizes[0]", "[height, width]"),
+    (lambda r: r.pop("experiments"), "params.experiments", "missing required key"),
+])
+def test_invalid_params_name_key_and_file(raw, tmp_path, mutate, path, msg):
+    bad = copy.deepcopy(raw)
+    mutate(bad)
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError) as e:
+        load_params(f)
+    assert str(f) in str(e.value)
+    assert path in str(e.value)
+    assert msg in str(e.value)
+
+
+def test_unknown_experiment_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such experiment"):
+        experiment_config(TINY, "nope")
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")
+    (tmp_path / "x.yaml").write_text("a: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "x.yaml")
+
+
+def test_experiment_overrides_merge(raw):
+    cfg, exp = experiment_config(TINY, "detr_dc5_wide")
+    assert cfg.model.hidden_dim == 48 and cfg.model.nheads == 4
+    assert exp.table == "act_main"
+    validate_raw(raw, "x.yaml")

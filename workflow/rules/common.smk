@@ -1,0 +1,19 @@
+# Reads and validates params, builds the stage table. No pipeline logic lives here.
+from effdetr import stages as effdetr_stages
+
+PARAMS_FILE = config.get("params", "params.yaml")
+RAW_PARAMS = effdetr_stages.load_raw(PARAMS_FILE)
+STAGES = effdetr_stages.build_stages(RAW_PARAMS, PARAMS_FILE)
+ALL_OUTPUTS = [o for st in STAGES for o in st.all_outputs()]
+
+
+def stage_inputs(st):
+    return effdetr_stages.expand_deps(st.deps)
+
+
+def stage_outputs(st):
+    return st.outs + [directory(d) for d in st.out_dirs] + st.metrics
+
+
+onstart:
+    shell(f"effdetr mlflow init --params {PARAMS_FILE}")
