@@ -31,7 +31,7 @@ def test_repo_params_are_valid():
     (lambda r: r["experiments"]["detr_dc5"]["overrides"].update(model={"hiden_dim": 3}),
      "experiments.detr_dc5(profile synth).model.hiden_dim", "unknown key"),
     (lambda r: r["experiments"]["detr_dc5"].update(stages=["train", "dance"]), "experiments.detr_dc5.stages", "unknown stage"),
-    (lambda r: r["profiles"]["synth"]["model"]["backbone"].update(pretrained="pipeline"),
+    (lambda r: r["profiles"]["synth"].pop("pretrain"),
      "profiles.synth.model.backbone.pretrained", "needs a pretrain section"),
     (lambda r: r["flops"].update(input_sizes=[[64]]), "flops.input_sizes[0]", "[height, width]"),
     (lambda r: r.pop("experiments"), "params.experiments", "missing required key"),

@@ -1,8 +1,9 @@
 """SynthCOCO: a deterministic, COCO-format detection dataset drawn on the fly.
 
 Each image is a textured background (smooth noise plus stripes or checks) with 1..N
-filled shapes -- one category per shape kind, random colours so colour never gives the
-class away. Objects are placed in order; a placement is rejected when it would hide more
+filled shapes -- one category per shape kind; each category's hue is drawn around its own
+centre with a spread wider than the gap to its neighbours, so colour is a cue but only
+shape decides the class. Objects are placed in order; a placement is rejected when it would hide more
 than ``max_overlap`` of any earlier object, so occlusion is present but bounded. Sides are
 log-uniform in [min_side, max_side], which spreads objects over the small / medium /
 large buckets given by ``data.area_ranges`` (side lengths; area = visible pixel count,
@@ -12,6 +13,7 @@ Everything derives from (seed, split, image index): the same params give the sam
 """
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 from pathlib import Path
@@ -37,15 +39,24 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     coarse = rng.uniform(0, 255, size=(max(h // 16, 2), max(w // 16, 2), 3)).astype(np.float32)
     img = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((w, h), Image.BILINEAR), np.float32)
     yy, xx = np.mgrid[0:h, 0:w]
-    period = rng.uniform(4, 16)
+    period = rng.uniform(10, 40)
     angle = rng.uniform(0, math.pi)
     if rng.random() < 0.5:
         pattern = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
     else:
         pattern = np.sign(np.sin(xx * 2 * math.pi / period) * np.sin(yy * 2 * math.pi / period))
-    img = 0.6 * img + 0.4 * 127 * (1 + pattern[..., None]) * rng.uniform(0.3, 1.0, size=3)
-    img += rng.normal(0, 8, size=img.shape)
+    img = 0.7 * img + 0.3 * 127 * (1 + pattern[..., None]) * rng.uniform(0.3, 1.0, size=3)
+    img += rng.normal(0, 5, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _class_colour(rng: np.random.Generator, cls: int, num_classes: int) -> np.ndarray:
+    """Hue drawn around the category's own hue with a spread wider than the gap between
+    neighbouring categories: colour is a cue (as appearance is in COCO) but never decides
+    the class alone; shape does. Saturation and value vary freely."""
+    hue = (cls / num_classes + rng.normal(0, 0.6 / num_classes)) % 1.0
+    sat, val = rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0)
+    return 255 * np.array(colorsys.hsv_to_rgb(hue, sat, val))
 
 
 def _polygon(kind: str, x: float, y: float, s: float) -> list[tuple[float, float]]:
@@ -111,9 +122,8 @@ def render_image(cfg, split: str, index: int) -> tuple[np.ndarray, list[dict]]:
             continue
         masks = [mv & ~m for mv in masks]
         masks.append(m)
-        colour = rng.uniform(0, 255, size=3)
-        shade = rng.uniform(0.7, 1.0)
-        img[m] = colour * shade + rng.normal(0, 6, size=(int(m.sum()), 3))
+        colour = _class_colour(rng, cls, cfg.num_classes)
+        img[m] = colour + rng.normal(0, 6, size=(int(m.sum()), 3))
         objects.append({"category": cls, "full_area": int(m.sum())})
     img = np.clip(img, 0, 255).astype(np.uint8)
     anns = []

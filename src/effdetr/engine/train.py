@@ -99,10 +99,12 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
         if not backbone_weights:
             raise ValueError("model.backbone.pretrained is 'pipeline' but no --backbone weights were given")
         load_backbone_weights(model.backbone.body, backbone_weights)
+    if t.lr_backbone == 0:  # DETR's rule: no backbone LR means a frozen backbone
+        model.backbone.requires_grad_(False)
     model.to(device)
     criterion = build_criterion(cfg.model, cfg.loss).to(device)
-    optimizer = torch.optim.AdamW(model.param_groups(t.lr, t.lr_backbone, t.weight_decay),
-                                  lr=t.lr, weight_decay=t.weight_decay)
+    groups = [g for g in model.param_groups(t.lr, t.lr_backbone, t.weight_decay) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     iters_per_epoch = math.ceil(len(dataset) / t.batch_size)
     if t.max_iters_per_epoch:

@@ -1,0 +1,68 @@
+"""One DAG, two engines: the committed dvc.yaml, the stage table and Snakemake agree."""
+import re
+import subprocess
+
+import yaml
+
+from effdetr import stages
+from tests.conftest import BIN, REPO
+
+
+def snakemake(*args, cwd=REPO):
+    return subprocess.run([str(BIN / "snakemake"), "--snakefile", "workflow/Snakefile", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_committed_dvc_yaml_is_fresh():
+    raw = stages.load_raw(str(REPO / "params.yaml"))
+    assert (REPO / "dvc.yaml").read_text() == stages.render_dvc(raw), \
+        "dvc.yaml is stale: run `effdetr dag dvc --out dvc.yaml`"
+
+
+def test_snakemake_rules_match_dvc_stages():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    r = snakemake("--list-rules")
+    assert r.returncode == 0, r.stderr
+    rules = {line.strip() for line in r.stdout.splitlines() if line.strip()} - {"all"}
+    assert rules == set(dvc)
+
+
+def test_snakemake_plan_matches_dvc_commands_and_outputs():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    r = snakemake("-n", "-p", "--forceall", "all")
+    assert r.returncode == 0, r.stderr
+    for name, st in dvc.items():
+        assert st["cmd"] in r.stdout, f"{name}: command differs between Snakemake and dvc.yaml"
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in st.get("outs", []) + st.get("metrics", [])]
+        for o in outs:
+            assert o in r.stdout, f"{name}: output {o} missing from the Snakemake plan"
+
+
+def test_every_stage_runs_one_effdetr_command_and_reads_params():
+    for st in stages.build_stages(stages.load_raw(str(REPO / "params.yaml"))):
+        assert st.cmd[0] == "effdetr" and "--params" in st.cmd
+        assert st.params_keys and st.all_outputs()
+
+
+def test_params_json_is_exactly_the_keys_read():
+    raw = stages.load_raw(str(REPO / "params.yaml"))
+    by_name = {s.name: s for s in stages.build_stages(raw)}
+    fresh = stages.load_raw(str(REPO / "params.yaml"))
+    train_before, eval_before = by_name["train_detr_dc5"].params_json(raw), by_name["eval_detr_dc5"].params_json(raw)
+    raw["profiles"]["synth"]["eval"]["batch_size"] += 1  # eval-only knob
+    assert by_name["train_detr_dc5"].params_json(raw) == train_before
+    assert by_name["eval_detr_dc5"].params_json(raw) != eval_before
+    raw["profiles"]["synth"]["train"]["lr"] *= 2
+    assert by_name["train_detr_dc5"].params_json(raw) != train_before
+    assert by_name["data"].params_json(raw) == by_name["data"].params_json(fresh)
+
+
+def test_lint_clean():
+    r = snakemake("--lint")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not re.search(r"Lints for", r.stdout + r.stderr), r.stdout + r.stderr
+
+
+def test_snakefmt_clean():
+    r = subprocess.run([str(BIN / "snakefmt"), "--check", "workflow"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
