@@ -158,14 +158,10 @@ def render_dvc(raw: dict, params_file: str = "params.yaml") -> str:
     for st in build_stages(raw, params_file):
         entry: dict = {"cmd": st.shell, "deps": list(st.deps)}
         entry["params"] = [{params_file: list(st.params_keys)}] if params_file != "params.yaml" else list(st.params_keys)
-        outs = []
-        for o in st.outs + st.out_dirs:
-            if o.startswith("reports/"):
-                outs.append({o: {"cache": False}})
-            elif st.persist:
-                outs.append({o: {"cache": False, "persist": True}})
-            else:
-                outs.append(o)
+        # cache: false everywhere: DVC then only hashes outputs and never relinks them from its
+        # cache, which would reset their mtimes and make Snakemake rerun everything downstream.
+        outs = [{o: {"cache": False, "persist": True} if st.persist else {"cache": False}}
+                for o in st.outs + st.out_dirs]
         if outs:
             entry["outs"] = outs
         if st.metrics:

@@ -32,6 +32,8 @@ def experiment_values(metrics_dir: Path, name: str) -> tuple[dict, list[dict]]:
     if ev:
         for k, v in ev["stats"].items():
             values[k] = 100 * v if k in AP_KEYS else v
+            if k.startswith("gmacs_"):  # the papers' "GFLOPs" are multiply-adds
+                values["gflops_" + k.removeprefix("gmacs_")] = v
         prov.append({"what": f"eval {name}", **ev["provenance"]})
     if tr:
         values["train_seconds"] = tr["train_seconds"]
@@ -64,7 +66,9 @@ def judge(claim, paper: float | None, repro: float | None) -> str:
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
+    return str(v)
 
 
 def table_rows(spec: dict, reproduced: dict[str, dict]) -> list[list[str]]:

@@ -1,0 +1,55 @@
+"""Bad checkpoints and params stop the CLI before compute with the file and field named."""
+import torch
+
+from effdetr.cli import main
+from effdetr.engine.checkpoint import load_model_checkpoint
+from effdetr.models.backbone import load_backbone_weights
+from tests.conftest import TINY
+
+
+def test_missing_and_garbage_checkpoints(tmp_path, capsys, tiny_data):
+    args = ["eval", "--params", str(TINY), "--experiment", "detr_dc5", "--data", str(tiny_data),
+            "--out", str(tmp_path / "e.json"), "--checkpoint"]
+    assert main(args + [str(tmp_path / "none.pt")]) == 2
+    assert "none.pt: checkpoint not found" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(args + [str(tmp_path / "junk.pt")]) == 2
+    assert "junk.pt: not a readable effdetr checkpoint" in capsys.readouterr().err
+    torch.save({"model": {}}, tmp_path / "partial.pt")
+    assert main(args + [str(tmp_path / "partial.pt")]) == 2
+    assert "partial.pt: checkpoint field 'model_config' is missing" in capsys.readouterr().err
+
+
+def test_checkpoint_that_does_not_fit_the_config(tmp_path, capsys, tiny_data, tiny_cfg):
+    import dataclasses
+    torch.save({"model": {"x": torch.zeros(1)}, "model_config": dataclasses.asdict(tiny_cfg.model)}, tmp_path / "m.pt")
+    assert load_model_checkpoint(tmp_path / "m.pt")["model"]
+    assert main(["eval", "--params", str(TINY), "--experiment", "detr_dc5", "--data", str(tiny_data),
+                 "--out", str(tmp_path / "e.json"), "--checkpoint", str(tmp_path / "m.pt")]) == 2
+    assert "m.pt: model weights do not fit model_config" in capsys.readouterr().err
+
+
+def test_backbone_weights_errors(tmp_path, tiny_cfg):
+    from effdetr.models.backbone import Backbone
+    import pytest
+    body = Backbone(tiny_cfg.model.backbone).body
+    with pytest.raises(FileNotFoundError, match="model.backbone.pretrained"):
+        load_backbone_weights(body, str(tmp_path / "no.pt"))
+    torch.save({"model": {}}, tmp_path / "empty.pt")
+    with pytest.raises(ValueError, match="empty.pt: backbone checkpoint lacks"):
+        load_backbone_weights(body, str(tmp_path / "empty.pt"))
+
+
+def test_bad_params_fail_before_compute(tmp_path, capsys):
+    bad = tmp_path / "p.yaml"
+    bad.write_text(TINY.read_text().replace("epochs: 2,", "epochs: -1,"))
+    assert main(["train", "--params", str(bad), "--experiment", "detr_dc5", "--data", "nowhere",
+                 "--out", str(tmp_path / "m.pt"), "--metrics", str(tmp_path / "t.json")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "profiles.synth.train.epochs" in err and "below the minimum" in err
+
+
+def test_missing_data_fails_before_training(tmp_path, capsys):
+    assert main(["train", "--params", str(TINY), "--experiment", "detr_dc5", "--data", str(tmp_path / "nodata"),
+                 "--out", str(tmp_path / "m.pt"), "--metrics", str(tmp_path / "t.json")]) == 2
+    assert "instances_val.json: <file>: annotation file not found" in capsys.readouterr().err
