@@ -114,8 +114,9 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
 
     if raw.get("flops", {}).get("models"):
         metrics = "reports/metrics/flops.json"
+        coco_model = ["profiles.coco.model"] if "model" in raw["profiles"].get("coco", {}) else []
         stages.append(Stage("flops", ["effdetr", "flops", *p, "--out", metrics],
-                            ["flops", "profiles.coco.model"],
+                            ["flops"] + coco_model,
                             deps=[f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC, metrics=[metrics], heavy=True))
         report_deps.append(metrics)
 
