@@ -2,10 +2,8 @@
 as an uninterrupted run (CPU, bitwise)."""
 import json
 import os
-import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 import torch

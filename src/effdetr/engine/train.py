@@ -9,6 +9,7 @@ restart reproduces exactly what an uninterrupted run would have seen (bitwise on
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -182,11 +183,6 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
         start_iter, meters = 0, {}
         snapshot(epoch + 1, 0)
 
-    save_atomic({"model": model.state_dict(), "model_config": _asdict(cfg.model), "params_hash": phash,
+    save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(cfg.model), "params_hash": phash,
                  "epochs": t.epochs}, out_path)
     return {"final": history[-1] if history else {}, "history": history}
-
-
-def _asdict(obj):
-    import dataclasses
-    return dataclasses.asdict(obj)

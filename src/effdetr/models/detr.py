@@ -1,7 +1,6 @@
 """DETR (Carion et al., 2020): backbone -> 1x1 projection -> transformer -> set prediction."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -7,7 +7,6 @@ without touching its state dict.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
