@@ -2,6 +2,7 @@
 as an uninterrupted run (CPU, bitwise)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 
@@ -51,3 +52,14 @@ def test_kill_and_resume_matches_uninterrupted(workdir):
     a = torch.load(workdir / "ref/model.pt", weights_only=True)["model"]
     b = torch.load(workdir / "res/model.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_source_hash_tracks_package_code(tmp_path):
+    """Resumable state is keyed by the code too: any edit of a package source changes the key."""
+    from effdetr.utils import repro
+    pkg = tmp_path / "pkg"
+    shutil.copytree(TINY.parents[2] / "src" / "effdetr", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    before = repro.source_hash(pkg)
+    assert before == repro.source_hash(pkg)
+    (pkg / "models" / "detr.py").write_text((pkg / "models" / "detr.py").read_text() + "\n# edit\n")
+    assert repro.source_hash(pkg) != before

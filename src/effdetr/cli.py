@@ -83,7 +83,8 @@ def cmd_train(args) -> None:
     _build_eval_dataset(cfg, args.data)
     from .engine.train import train
     from .tracking import Run
-    work = Path(args.work_root) / args.experiment / phash
+    from .utils.repro import source_hash
+    work = Path(args.work_root) / args.experiment / f"{phash}-{source_hash()}"
     with Run(params.tracking.experiment, f"train-{args.experiment}",
              _tags("train", exp.paper, exp.table, phash, args.experiment, params.profile),
              {"experiment": C.to_dict(cfg)}) as run:

@@ -2,8 +2,8 @@
 
 Resumable state (model, optimizer, epoch, iteration, RNG states, running meters) lives in
 ``work_dir/last.pt`` -- outside anything Snakemake/DVC declare, so a killed job's rerun
-picks it up. ``work_dir`` is keyed by the params hash, so a params edit never resumes a
-stale run. Augmentation randomness is seeded per sample from (seed, epoch, position), and
+picks it up. ``work_dir`` is keyed by the params hash and the package source hash (see
+cli.cmd_train), so neither a params edit nor a code edit resumes a stale run. Augmentation randomness is seeded per sample from (seed, epoch, position), and
 the shuffle order from (seed, epoch), so skipping the first k batches of an epoch after a
 restart reproduces exactly what an uninterrupted run would have seen (bitwise on CPU).
 """

@@ -45,6 +45,19 @@ def git_info(cwd: str | None = None) -> dict:
         return {"sha": "unknown", "dirty": True}
 
 
+def source_hash(root=None) -> str:
+    """Hash of the package's Python sources: resumable state is only valid for the code
+    that wrote it (a rerun after a code edit must start over, not resume)."""
+    import hashlib
+    from pathlib import Path
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
