@@ -53,3 +53,24 @@ def test_missing_data_fails_before_training(tmp_path, capsys):
     assert main(["train", "--params", str(TINY), "--experiment", "detr_dc5", "--data", str(tmp_path / "nodata"),
                  "--out", str(tmp_path / "m.pt"), "--metrics", str(tmp_path / "t.json")]) == 2
     assert "instances_val.json: <file>: annotation file not found" in capsys.readouterr().err
+
+
+def test_act_experiments_need_their_teacher_before_compute(tmp_path, capsys, tiny_data):
+    base = ["train", "--params", str(TINY), "--experiment", "act_mtkd_L16", "--data", str(tiny_data),
+            "--out", str(tmp_path / "m.pt"), "--metrics", str(tmp_path / "t.json")]
+    assert main(base) == 2
+    assert "starts from detr_dc5: pass --init" in capsys.readouterr().err
+    missing = str(tmp_path / "detr_dc5.pt")
+    assert main(base + ["--init", missing, "--teacher", missing]) == 2
+    assert "detr_dc5.pt: checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "t.json").exists()
+
+
+def test_act_eval_rejects_a_checkpoint_of_another_architecture(tmp_path, capsys, tiny_data, tiny_cfg):
+    import dataclasses
+    from effdetr.models import build_model
+    cfg = dataclasses.replace(tiny_cfg.model, hidden_dim=48)
+    torch.save({"model": build_model(cfg).state_dict(), "model_config": dataclasses.asdict(cfg)}, tmp_path / "w.pt")
+    assert main(["eval", "--params", str(TINY), "--experiment", "act_L16", "--data", str(tiny_data),
+                 "--out", str(tmp_path / "e.json"), "--checkpoint", str(tmp_path / "w.pt")]) == 2
+    assert "w.pt: model_config.hidden_dim is 48 but the experiment needs 32" in capsys.readouterr().err

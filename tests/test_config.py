@@ -3,7 +3,7 @@ import copy
 import pytest
 import yaml
 
-from effdetr.config import ConfigError, experiment_config, load_params, validate_raw
+from effdetr.config import ConfigError, expand_experiments, experiment_config, load_params, validate_raw
 from tests.conftest import REPO, TINY
 
 
@@ -15,7 +15,7 @@ def raw():
 def test_repo_params_are_valid():
     params, _ = load_params(REPO / "params.yaml")
     assert params.profile in ("synth", "coco")
-    for name in params.experiments:
+    for name in expand_experiments(params.experiments, "params.yaml"):
         experiment_config(REPO / "params.yaml", name)
 
 
@@ -35,6 +35,29 @@ def test_repo_params_are_valid():
      "profiles.synth.model.backbone.pretrained", "needs a pretrain section"),
     (lambda r: r["flops"].update(input_sizes=[[64]]), "flops.input_sizes[0]", "[height, width]"),
     (lambda r: r.pop("experiments"), "params.experiments", "missing required key"),
+    # ACT: bad hash rounds / references fail at load time, before any compute
+    (lambda r: r["experiments"]["act"]["sweep"].update(values=[32, 0]),
+     "experiments.act.sweep.values[1] (act_L0, model.act.rounds)(profile synth).model.act.rounds", "below the minimum 1"),
+    (lambda r: r["experiments"]["act"]["sweep"].update(values=[16.5]),
+     "experiments.act.sweep.values[0] (act_L16p5, model.act.rounds)(profile synth).model.act.rounds",
+     "expected an integer"),
+    (lambda r: r["experiments"]["act"]["sweep"].update(values=[]), "experiments.act.sweep.values", "at least one"),
+    (lambda r: r["experiments"]["act"]["sweep"].update(values=[16, 16]), "experiments.act.sweep.values", "repeat"),
+    (lambda r: r["profiles"]["synth"]["model"]["act"].update(bucket_width=0), "profiles.synth.model.act.bucket_width",
+     "below the minimum"),
+    (lambda r: r["experiments"]["act"].update(init_from="detr_r18"), "experiments.act.init_from", "not an experiment"),
+    (lambda r: r["experiments"]["act"].update(init_from="act_kmeans_L16"), "experiments.act.init_from",
+     "has no train stage"),
+    (lambda r: r["experiments"]["act"].pop("init_from"), "experiments.act.init_from", "must name the trained"),
+    (lambda r: r["experiments"]["act_mtkd"]["distill"].update(teacher="nobody"), "experiments.act_mtkd.distill.teacher",
+     "not an experiment"),
+    (lambda r: r["experiments"]["act_mtkd"]["distill"].pop("teacher"), "experiments.act_mtkd.distill.teacher",
+     "missing required key"),
+    (lambda r: r["experiments"]["act"]["overrides"]["model"].update(encoder_attention="lsh"),
+     "model.encoder_attention", "not one of"),
+    (lambda r: r["speed"].update(experiment="detr_dc5"), "speed.experiment", "swept eval-only"),
+    (lambda r: r["profiles"]["synth"]["model"].update(spatial_prior=True, box_reference=False),
+     "profiles.synth.model.spatial_prior", "needs model.box_reference"),
 ])
 def test_invalid_params_name_key_and_file(raw, tmp_path, mutate, path, msg):
     bad = copy.deepcopy(raw)
@@ -63,3 +86,12 @@ def test_experiment_overrides_merge(raw):
     assert cfg.model.hidden_dim == 48 and cfg.model.nheads == 4
     assert exp.table == "act_main"
     validate_raw(raw, "x.yaml")
+
+
+def test_sweep_expands_into_one_experiment_per_value():
+    cfg16, exp = experiment_config(TINY, "act_L16")
+    cfg32, _ = experiment_config(TINY, "act_L32")
+    assert (cfg16.model.act.rounds, cfg32.model.act.rounds) == (16, 32)
+    assert cfg16.model.encoder_attention == "act" and exp.init_from == "detr_dc5"
+    with pytest.raises(ConfigError, match="no such experiment"):
+        experiment_config(TINY, "act")

@@ -43,3 +43,32 @@ def test_encoder_flops_grow_quadratically_with_tokens(tiny_cfg):
     small = count_model(tiny_cfg.model, [[64, 64]])["gmacs"]["encoder"]
     big = count_model(tiny_cfg.model, [[128, 128]])["gmacs"]["encoder"]
     assert 4 < big / small < 16
+
+
+def test_act_count_is_its_own_exact_cost(tiny_cfg):
+    """ACT's encoder attention is charged hashing + prototypes x keys, not the padded batch:
+    the encoder count of an ACT model = dense count - dense attention + the ACT formula."""
+    import dataclasses
+
+    from effdetr.models import build_model
+    from effdetr.models.detr import set_encoder_attention
+    from effdetr.ops.act import ACTAttentionKernel
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg.model)
+    x, m = torch.randn(1, 3, 64, 80), torch.zeros(1, 64, 80, dtype=torch.bool)
+    dense = count_flops(model, x, m, {"encoder": "transformer.encoder"})
+    cfg = dataclasses.replace(tiny_cfg.model.act, rounds=3, bucket_width=4.0)
+    set_encoder_attention(model.transformer, "act", cfg)
+    act = count_flops(model, x, m, {"encoder": "transformer.encoder"})
+    kernels = [a.kernel for a in model.transformer.encoder_attention_modules()]
+    assert all(isinstance(k, ACTAttentionKernel) for k in kernels)
+    d = tiny_cfg.model.hidden_dim // tiny_cfg.model.nheads
+    h = tiny_cfg.model.nheads
+    expected = 0.0
+    for k in kernels:
+        n = k.last_tokens
+        protos = int(k.last_counts.sum())
+        assert protos < h * n  # some clustering happened, so the check below is not vacuous
+        expected += -(2 * h * n * n * d) + h * n * d * 3 + protos * n * 2 * d
+    assert abs((act["encoder"] - dense["encoder"]) * 1e9 - expected) < 1
+    assert act["total"] - act["encoder"] == dense["total"] - dense["encoder"]

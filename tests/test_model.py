@@ -73,3 +73,36 @@ def test_few_training_steps_reduce_loss(tiny_cfg):
         opt.step()
         losses.append(total.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_spatial_prior_bias_against_a_loop(tiny_cfg):
+    """-|p - r|^2 / (2 s^2) with cell centres normalised to each image's unpadded extent."""
+    import dataclasses
+    cfg = dataclasses.replace(tiny_cfg.model, box_reference=True, spatial_prior=True)
+    m = build_model(cfg)
+    fmask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    fmask[1, :, 3:] = True  # second image: 3 valid columns
+    fmask[1, 2:, :] = True  # and 2 valid rows
+    ref = torch.tensor([[0.2, 0.7]] * cfg.num_queries)
+    bias = m.spatial_bias(ref, fmask)
+    scale = m.log_scale.exp()
+    for b, (rows, cols) in enumerate([(3, 4), (2, 3)]):
+        for q in range(cfg.num_queries):
+            for i in range(3):
+                for j in range(4):
+                    if i >= rows or j >= cols:
+                        continue  # padding cells are masked by the attention anyway
+                    px, py = (j + 0.5) / cols, (i + 0.5) / rows
+                    want = -((px - 0.2) ** 2 + (py - 0.7) ** 2) / (2 * scale[q, 0].item() ** 2)
+                    assert abs(bias[b, 0, q, i * 4 + j].item() - want) < 1e-4
+
+
+def test_box_reference_starts_boxes_at_the_references(tiny_cfg):
+    import dataclasses
+    cfg = dataclasses.replace(tiny_cfg.model, box_reference=True, spatial_prior=True)
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    out = m(*batch(tiny_cfg))
+    ref = m.reference(m.query_embed.weight).sigmoid()
+    torch.testing.assert_close(out["pred_boxes"][0, :, :2], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["pred_boxes"][..., 2:], torch.full_like(out["pred_boxes"][..., 2:], 0.5))

@@ -103,12 +103,22 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     assert (workdir / "reports/figures/detr_dc5_training.png").stat().st_size > 1000
     ev = json.loads((workdir / "reports/metrics/detr_dc5/eval.json").read_text())
     assert 0.0 <= ev["stats"]["AP"] <= 1.0 and ev["stats"]["gmacs_total"] > 0
+    # ACT: the swap evaluates the teacher's weights, counts prototypes per layer, and
+    # every ACT table and figure is written.
+    act16 = json.loads((workdir / "reports/metrics/act_L16/eval.json").read_text())["stats"]
+    act32 = json.loads((workdir / "reports/metrics/act_L32/eval.json").read_text())["stats"]
+    assert 1 <= act16["prototypes_layer0"] <= act32["prototypes_layer0"] <= act16["encoder_tokens"]
+    assert act16["gmacs_encoder"] <= act32["gmacs_encoder"]
+    assert "| ACT (L=16) | AP | 37.10 |" in table and "| ACT+MTKD (L=16) | AP |" in table
+    for name in ("act_kmeans", "act_speed"):
+        assert "MLflow run" in (workdir / f"reports/tables/{name}.md").read_text()
+    assert (workdir / "reports/figures/prototypes_per_layer.png").stat().st_size > 1000
 
     # Every stage left an MLflow run, visible through a real server.
     wait_healthy(mlflow_server)
     runs = search_runs(mlflow_server, "effdetr-test")
     stages_logged = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "stage") for r in runs)
-    assert stages_logged == sorted(["data", "pretrain", "train", "train", "eval", "eval", "flops", "report"])
+    assert stages_logged == sorted(["data", "pretrain"] + ["train"] * 3 + ["eval"] * 6 + ["speed", "flops", "report"])
     train_run = next(r for r in runs if r["info"]["run_name"] == "train-detr_dc5")
     keys = {m["key"] for m in train_run["data"]["metrics"]}
     assert "train_loss" in keys

@@ -75,21 +75,37 @@ def _build_eval_dataset(cfg, data_root):
                          max_images=cfg.eval.max_images)
 
 
+def _check_weights(args, cfg, exp) -> None:
+    from .engine.checkpoint import build_trained_model
+    if exp.init_from and not args.init:
+        raise ValueError(f"experiment {args.experiment} starts from {exp.init_from}: pass --init <its model file>")
+    if exp.distill and not args.teacher:
+        raise ValueError(f"experiment {args.experiment} distils {exp.distill.teacher}: pass --teacher <its model file>")
+    if args.init:
+        build_trained_model(args.init, cfg.model)
+    if args.teacher:
+        build_trained_model(args.teacher)
+
+
 def cmd_train(args) -> None:
     cfg, exp = C.experiment_config(args.params, args.experiment)
     params, _ = C.load_params(args.params)
     phash = C.params_hash(cfg)
-    # Fail before compute: the data must be there and pass the annotation checks.
+    # Fail before compute: the data must be there and pass the annotation checks, and
+    # the weights this run starts from / distils must exist and fit.
     _build_eval_dataset(cfg, args.data)
+    _check_weights(args, cfg, exp)
     from .engine.train import train
     from .tracking import Run
-    from .utils.repro import source_hash
-    work = Path(args.work_root) / args.experiment / f"{phash}-{source_hash()}"
+    from .utils.repro import files_hash, source_hash
+    inputs = files_hash([args.backbone, args.init, args.teacher])
+    work = Path(args.work_root) / args.experiment / f"{phash}-{source_hash()}-{inputs}"
     with Run(params.tracking.experiment, f"train-{args.experiment}",
              _tags("train", exp.paper, exp.table, phash, args.experiment, params.profile),
              {"experiment": C.to_dict(cfg)}) as run:
         t0 = time.time()
-        result = train(cfg, args.data, args.out, str(work), phash, run=run, backbone_weights=args.backbone)
+        result = train(cfg, args.data, args.out, str(work), phash, run=run, backbone_weights=args.backbone,
+                       init=args.init, teacher=args.teacher, distill_cfg=exp.distill)
         seconds = time.time() - t0
         run.log_metrics({"train_seconds": seconds}, step=cfg.train.epochs)
         _write_json({"experiment": args.experiment, "final": result["final"], "history": result["history"],
@@ -121,21 +137,14 @@ def cmd_eval(args) -> None:
     params, _ = C.load_params(args.params)
     phash = C.params_hash(cfg)
     import torch
-    from .engine.checkpoint import load_model_checkpoint
+    from .engine.checkpoint import build_trained_model
     from .engine.evaluate import evaluate_dataset
-    from .models import build_model
     from .tracking import Run
     from .utils.repro import resolve_device
     dataset = _build_eval_dataset(cfg, args.data)
-    ckpt = load_model_checkpoint(args.checkpoint)
-    model_cfg = C.build(C.ModelConfig, ckpt["model_config"], args.checkpoint, "model_config")
-    model_cfg.backbone.pretrained = "none"  # the checkpoint carries the trained backbone
+    # the experiment's model config (e.g. ACT kernels) over the checkpoint's trained weights
+    model, ckpt = build_trained_model(args.checkpoint, cfg.model)
     device = resolve_device(cfg.train.device)
-    model = build_model(model_cfg)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{args.checkpoint}: model weights do not fit model_config "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device)
     with Run(params.tracking.experiment, f"eval-{args.experiment}",
              _tags("eval", exp.paper, exp.table, phash, args.experiment, params.profile),
@@ -169,6 +178,41 @@ def cmd_flops(args) -> None:
                      "convention": "GMACs (one multiply-add = one FLOP, the papers' 'GFLOPs')",
                      "provenance": _provenance(run, phash)}, args.out)
         run.log_artifact(args.out)
+
+
+def cmd_speed(args) -> None:
+    """Encoder wall-clock: dense vs each value of the swept clustering experiment."""
+    params, raw = C.load_params(args.params)
+    sp = params.speed
+    if sp is None:
+        raise C.ConfigError(args.params, "speed", "missing")
+    expanded = C.expand_experiments(params.experiments, args.params)
+    names = [n for n, (src, _) in expanded.items() if src == sp.experiment]
+    cfgs = {n: C.experiment_config(args.params, n)[0] for n in names}
+    base = cfgs[names[0]]
+    from .engine.checkpoint import build_trained_model
+    from .evaluation.speed import time_encoder
+    from .tracking import Run
+    from .utils.repro import environment, resolve_device
+    dataset = _build_eval_dataset(base, args.data)
+    model, _ = build_trained_model(args.checkpoint, base.model)
+    device = resolve_device(base.train.device)
+    model.to(device)
+    settings = {"dense": ("dense", None)}
+    settings.update({n: (c.model.encoder_attention, c.model.act) for n, c in cfgs.items()})
+    phash = C.params_hash({"speed": raw["speed"], "experiment": raw["experiments"][sp.experiment]})
+    with Run(params.tracking.experiment, "speed", _tags("speed", sp.paper, sp.table, phash, sp.experiment,
+                                                        params.profile), {"speed": C.to_dict(sp)}) as run:
+        results = time_encoder(model, dataset, settings, sp.num_images, sp.warmup, sp.repeats, base.train.amp)
+        for label, r in results.items():
+            run.log_metrics({f"{label}.{k}": v for k, v in r.items() if v is not None})
+        _write_json({"results": results, "device": str(device), "environment": environment(),
+                     "protocol": {"batch": 1, "num_images": sp.num_images, "warmup": sp.warmup,
+                                  "repeats": sp.repeats, "statistic": "median per image, mean over images"},
+                     "provenance": _provenance(run, phash)}, args.out)
+        run.log_artifact(args.out)
+    for label, r in results.items():
+        print(f"[speed] {label}: {r['ms']:.3f} ms/encoder, score matrix {r['score_mb']:.3f} MB")
 
 
 def cmd_report(args) -> None:
@@ -231,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--metrics", required=True)
             sp.add_argument("--work-root", default="data/work", help="resumable state (not a declared output)")
             sp.add_argument("--backbone", default=None, help="pretrained backbone file (backbone.pretrained: pipeline)")
+            sp.add_argument("--init", default=None, help="model file to start from (experiment init_from)")
+            sp.add_argument("--teacher", default=None, help="teacher model file (experiment distill.teacher)")
         else:
             sp.add_argument("--checkpoint", required=True)
             sp.add_argument("--out", required=True)
@@ -239,6 +285,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--metrics", required=True)
     sp = add("flops", cmd_flops, "paper-scale GFLOPs/params table")
+    sp.add_argument("--out", required=True)
+    sp = add("speed", cmd_speed, "time the encoder: dense vs clustered attention")
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--out", required=True)
     sp = add("report", cmd_report, "regenerate reports/ from metrics")
     sp.add_argument("--metrics", default="reports/metrics")

@@ -53,6 +53,9 @@ class SynthConfig:
     max_side: int = _f(80, lo=4)
     max_overlap: float = _f(0.5, lo=0.0, hi=1.0, doc="max fraction of an object hidden by later ones")
     category_id_offset: int = _f(1, lo=0, doc="first category id; ids skip one every 3 to mimic COCO holes")
+    hue_jitter: float = _f(0.6, lo=0.0, hi=10.0, doc="std of an object's hue around its class hue, in class gaps")
+    background_saturation: float = _f(1.0, lo=0.0, hi=1.0, doc="colourfulness of the background noise")
+    background_contrast: float = _f(1.0, lo=0.0, hi=1.0, doc="texture amplitude around mid-grey")
 
 
 @dataclass
@@ -98,6 +101,15 @@ class BackboneConfig:
 
 
 @dataclass
+class ClusterAttentionConfig:
+    """ACT's E2LSH clustering (and the matched K-means baseline) for the encoder."""
+    rounds: int = _f(32, lo=1, hi=1024, doc="E2LSH hash rounds L (more rounds -> more prototypes)")
+    bucket_width: float = _f(8.0, lo=1e-9, doc="E2LSH bucket width r (the paper's code: 8)")
+    seed: int = _f(0, lo=0, doc="seeds the hash projections (layer i uses seed + i)")
+    kmeans_iters: int = _f(10, lo=1, doc="Lloyd iterations of the K-means baseline")
+
+
+@dataclass
 class ModelConfig:
     arch: Literal["detr"] = "detr"
     backbone: BackboneConfig = _f(factory=BackboneConfig)
@@ -111,7 +123,14 @@ class ModelConfig:
     num_classes: int = _f(91, lo=1, doc="largest category id + 1 (COCO: 91)")
     aux_loss: bool = True
     pre_norm: bool = False
-    encoder_attention: Literal["dense"] = "dense"
+    box_reference: bool = _f(False, doc="learned per-query reference point; boxes are predicted as offsets "
+                             "from it (Deformable DETR's parametrization). Off = DETR.")
+    spatial_prior: bool = _f(False, doc="decoder cross-attention logits get -|p - r_q|^2 / (2 s_q^2) around the "
+                             "query's reference point r_q with a learned scale s_q (a static form of SMCA's "
+                             "Gaussian co-attention); needs box_reference. Off = DETR.")
+    encoder_attention: Literal["dense", "act", "kmeans"] = _f(
+        "dense", doc="encoder self-attention kernel; act/kmeans can be swapped into a trained model")
+    act: ClusterAttentionConfig = _f(factory=ClusterAttentionConfig)
 
 
 @dataclass
@@ -174,6 +193,25 @@ class ProfileConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Expand one experiment into one per value of a profile key (e.g. ACT's rounds L)."""
+    key: str = _f(doc="dotted key inside the profile, e.g. model.act.rounds")
+    values: list = _f(factory=list)
+    label: str = _f("", doc="name suffix: <experiment>_<label><value>, e.g. act_L32")
+
+
+@dataclass
+class DistillConfig:
+    """Distil a trained teacher experiment into this one while it trains."""
+    teacher: str = _f(doc="experiment whose checkpoint is the (frozen) teacher")
+    method: Literal["mtkd"] = _f("mtkd", doc="mtkd: ACT's multi-task KD (teacher's class + box outputs)")
+    ce: float = _f(1.0, lo=0.0, doc="weight of KL(teacher || student) on class distributions")
+    l1: float = _f(5.0, lo=0.0, doc="weight of L1 between teacher and student boxes")
+    giou: float = _f(2.0, lo=0.0, doc="weight of 1 - GIoU between teacher and student boxes")
+    temperature: float = _f(1.0, lo=1e-3, doc="softmax temperature of the class KL")
+
+
+@dataclass
 class ExperimentConfig:
     """One row-producing experiment: the profile merged with these overrides."""
     paper: str
@@ -182,6 +220,10 @@ class ExperimentConfig:
     stages: list[str] = _f(factory=lambda: ["train", "eval"])
     overrides: dict = _f(factory=dict)
     profile_overrides: dict = _f(factory=dict)
+    init_from: Optional[str] = _f(None, doc="experiment whose trained weights this one starts from "
+                                  "(train) or evaluates (eval-only experiments)")
+    sweep: Optional[SweepConfig] = None
+    distill: Optional[DistillConfig] = None
 
 
 @dataclass
@@ -191,6 +233,18 @@ class FlopsConfig:
     models: dict = _f(factory=dict)
     paper: str = "detr"
     table: str = "flops"
+
+
+@dataclass
+class SpeedConfig:
+    """Encoder wall-clock, dense vs each clustered setting of a swept eval-only experiment
+    (protocol in evaluation/speed.py)."""
+    experiment: str = _f(doc="swept eval-only experiment (e.g. act): its init_from weights and its values")
+    num_images: int = _f(20, lo=1)
+    warmup: int = _f(2, lo=0)
+    repeats: int = _f(5, lo=1)
+    paper: str = "act"
+    table: str = "act_speed"
 
 
 @dataclass
@@ -204,6 +258,7 @@ class Params:
     profiles: dict
     experiments: dict
     flops: FlopsConfig = _f(factory=FlopsConfig)
+    speed: Optional[SpeedConfig] = None
     tracking: TrackingConfig = _f(factory=TrackingConfig)
 
 
@@ -235,6 +290,10 @@ def _convert(tp, value, file, path, meta=None):
         return value
     if dataclasses.is_dataclass(tp):
         return build(tp, value, file, path)
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(file, path, f"expected a list, got {type(value).__name__}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(file, path, f"expected a list, got {type(value).__name__}")
@@ -346,19 +405,32 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
     if params.profile not in params.profiles:
         raise ConfigError(file, "profile", f"{params.profile!r} has no entry under profiles "
                           f"(have: {sorted(params.profiles)})")
-    for name, exp in params.experiments.items():
-        e = build(ExperimentConfig, exp, file, f"experiments.{name}")
+    expanded = expand_experiments(params.experiments, file)
+    for name, (source, exp) in expanded.items():
+        e = build(ExperimentConfig, exp, file, f"experiments.{source}")
         for stage in e.stages:
             if stage not in ("train", "eval"):
-                raise ConfigError(file, f"experiments.{name}.stages", f"unknown stage {stage!r}")
+                raise ConfigError(file, f"experiments.{source}.stages", f"unknown stage {stage!r}")
         for pname in e.profile_overrides:
             if pname not in params.profiles:
-                raise ConfigError(file, f"experiments.{name}.profile_overrides.{pname}",
+                raise ConfigError(file, f"experiments.{source}.profile_overrides.{pname}",
                                   "no such profile")
+        _check_references(name, source, e, expanded, file)
         for pname in params.profiles:
             merged = deep_merge(deep_merge(params.profiles[pname], e.overrides),
                                 e.profile_overrides.get(pname, {}))
-            _profile_from_dict(merged, file, f"experiments.{name}(profile {pname})")
+            where = f"experiments.{source}"
+            if e.sweep:
+                raw_sweep = params.experiments[source]["sweep"]
+                i = [sweep_name(source, raw_sweep, v) for v in e.sweep.values].index(name)
+                where += f".sweep.values[{i}] ({name}, {e.sweep.key})"
+            _profile_from_dict(merged, file, f"{where}(profile {pname})")
+    if params.speed is not None:
+        src = params.experiments.get(params.speed.experiment)
+        if not isinstance(src, dict) or not src.get("sweep") or not src.get("init_from") \
+                or "train" in src.get("stages", ["train"]):
+            raise ConfigError(file, "speed.experiment", f"{params.speed.experiment!r} must be a swept "
+                              "eval-only experiment with init_from (e.g. act)")
     coco_model = params.profiles.get("coco", {}).get("model", {})
     for name, over in params.flops.models.items():
         build(ModelConfig, deep_merge(coco_model, over), file, f"flops.models.{name}")
@@ -366,6 +438,62 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
         if len(size) != 2 or min(size) < 16:
             raise ConfigError(file, f"flops.input_sizes[{i}]", "expected [height, width], each >= 16")
     return params
+
+
+def _nest(dotted: str, value) -> dict:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def sweep_name(name: str, sweep: dict, value) -> str:
+    text = str(value).replace(".", "p").replace("-", "m")
+    return f"{name}_{sweep.get('label', '')}{text}"
+
+
+def expand_experiments(experiments: dict, file) -> dict[str, tuple[str, dict]]:
+    """name -> (name in params.yaml, experiment mapping): a swept experiment becomes one
+    experiment per value, the value folded into its overrides (``sweep`` kept for labels)."""
+    out: dict[str, tuple[str, dict]] = {}
+    for name, exp in experiments.items():
+        if not isinstance(exp, dict):
+            raise ConfigError(file, f"experiments.{name}", f"expected a mapping, got {type(exp).__name__}")
+        if exp.get("sweep") is None:
+            out[name] = (name, exp)
+            continue
+        sweep = build(SweepConfig, exp["sweep"], file, f"experiments.{name}.sweep")
+        if not sweep.values:
+            raise ConfigError(file, f"experiments.{name}.sweep.values", "needs at least one value")
+        if len(set(map(str, sweep.values))) != len(sweep.values):
+            raise ConfigError(file, f"experiments.{name}.sweep.values", "values repeat")
+        for i, value in enumerate(sweep.values):
+            if not isinstance(value, (int, float, str)) or isinstance(value, bool):
+                raise ConfigError(file, f"experiments.{name}.sweep.values[{i}]", f"{value!r} is not a scalar")
+            child = dict(exp, overrides=deep_merge(exp.get("overrides", {}), _nest(sweep.key, value)))
+            out[sweep_name(name, exp["sweep"], value)] = (name, child)
+    return out
+
+
+def _check_references(name: str, source: str, e: ExperimentConfig, expanded: dict, file) -> None:
+    """init_from / distill.teacher must name a trained experiment (not this one); an
+    eval-only experiment must say which weights it evaluates."""
+    refs = [("init_from", e.init_from)] + ([("distill.teacher", e.distill.teacher)] if e.distill else [])
+    for key, ref in refs:
+        if ref is None:
+            continue
+        if ref == name or ref == source:
+            raise ConfigError(file, f"experiments.{source}.{key}", "an experiment cannot start from itself")
+        if ref not in expanded:
+            raise ConfigError(file, f"experiments.{source}.{key}",
+                              f"{ref!r} is not an experiment (have: {', '.join(sorted(expanded))})")
+        if "train" not in build(ExperimentConfig, expanded[ref][1], file, f"experiments.{ref}").stages:
+            raise ConfigError(file, f"experiments.{source}.{key}", f"{ref!r} has no train stage, so no checkpoint")
+    if "train" not in e.stages and e.init_from is None:
+        raise ConfigError(file, f"experiments.{source}.init_from",
+                          "an eval-only experiment must name the trained experiment it evaluates")
+    if e.distill and "train" not in e.stages:
+        raise ConfigError(file, f"experiments.{source}.distill", "distillation needs a train stage")
 
 
 def _profile_from_dict(d: dict, file, path) -> ProfileConfig:
@@ -383,6 +511,9 @@ def _profile_from_dict(d: dict, file, path) -> ProfileConfig:
     m = prof.model
     if m.backbone.pretrained == "pipeline" and prof.pretrain is None:
         raise ConfigError(file, f"{path}.model.backbone.pretrained", "'pipeline' needs a pretrain section in the profile")
+    if m.spatial_prior and not m.box_reference:
+        raise ConfigError(file, f"{path}.model.spatial_prior", "needs model.box_reference: true (the prior is "
+                          "centred on each query's reference point)")
     if m.hidden_dim % m.nheads:
         raise ConfigError(file, f"{path}.model.nheads", f"hidden_dim {m.hidden_dim} is not divisible by {m.nheads}")
     if not prof.input.train_scales:
@@ -404,10 +535,12 @@ def profile_config(path: str | Path, profile: str | None = None) -> ProfileConfi
 def experiment_config(path: str | Path, experiment: str) -> tuple[ProfileConfig, ExperimentConfig]:
     """The resolved config an experiment's commands read (profile + its overrides)."""
     params, raw = load_params(path)
-    if experiment not in params.experiments:
+    expanded = expand_experiments(params.experiments, path)
+    if experiment not in expanded:
         raise ConfigError(path, f"experiments.{experiment}",
-                          f"no such experiment (have: {', '.join(sorted(params.experiments))})")
-    exp = build(ExperimentConfig, raw["experiments"][experiment], path, f"experiments.{experiment}")
+                          f"no such experiment (have: {', '.join(sorted(expanded))})")
+    source, exp_raw = expanded[experiment]
+    exp = build(ExperimentConfig, exp_raw, path, f"experiments.{source}")
     merged = deep_merge(deep_merge(raw["profiles"][params.profile], exp.overrides),
                         exp.profile_overrides.get(params.profile, {}))
     return _profile_from_dict(merged, path, f"experiments.{experiment}"), exp

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, read_yaml
+from .config import ConfigError, expand_experiments, read_yaml
 
 SRC = "src/effdetr"
 COMMON_SRC = [f"{SRC}/config.py", f"{SRC}/cli.py", f"{SRC}/tracking.py", f"{SRC}/utils"]
 MODEL_SRC = [f"{SRC}/models", f"{SRC}/ops"]
+DISTILL_SRC = [f"{SRC}/distill"]
 
 
 @dataclass
@@ -86,29 +87,36 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
     train_keys = [f"{prof_key}.{s}" for s in ("data", "input", "model", "loss", "train")]
     eval_keys = [f"{prof_key}.{s}" for s in ("data", "input", "model", "train", "eval")]
     report_deps = []
-    for name, exp in sorted(raw.get("experiments", {}).items()):
+    for name, (source, exp) in sorted(expand_experiments(raw.get("experiments", {}), params_file).items()):
         ckpt = f"data/checkpoints/{name}.pt"
-        exp_keys = ["profile", f"experiments.{name}"]
+        exp_keys = ["profile", f"experiments.{source}"]
         stage_list = exp.get("stages", ["train", "eval"])
+        init = exp.get("init_from")
+        teacher = (exp.get("distill") or {}).get("teacher")
         if "train" in stage_list:
             metrics = f"reports/metrics/{name}/train.json"
             pretrained = _merged_backbone(raw, profile, exp).get("pretrained")
-            extra = ["--backbone", backbone_file] if pretrained == "pipeline" else []
+            extra = ["--backbone", backbone_file] if pretrained == "pipeline" and not init else []
+            weights = [f"data/checkpoints/{w}.pt" for w in dict.fromkeys(x for x in (init, teacher) if x)]
+            extra += ["--init", f"data/checkpoints/{init}.pt"] if init else []
+            extra += ["--teacher", f"data/checkpoints/{teacher}.pt"] if teacher else []
             stages.append(Stage(f"train_{name}",
                                 ["effdetr", "train", *p, "--experiment", name, "--data", root, "--out", ckpt,
                                  "--metrics", metrics, *extra],
                                 exp_keys + train_keys,
-                                deps=[root, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + COMMON_SRC
-                                + ([backbone_file] if extra else []),
+                                deps=[root, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + DISTILL_SRC + COMMON_SRC
+                                + ([backbone_file] if "--backbone" in extra else []) + weights,
                                 outs=[ckpt], metrics=[metrics], heavy=True))
             report_deps.append(metrics)
         if "eval" in stage_list:
             metrics = f"reports/metrics/{name}/eval.json"
+            weights = ckpt if "train" in stage_list else f"data/checkpoints/{init}.pt"
             stages.append(Stage(f"eval_{name}",
-                                ["effdetr", "eval", *p, "--experiment", name, "--data", root, "--checkpoint", ckpt,
+                                ["effdetr", "eval", *p, "--experiment", name, "--data", root, "--checkpoint", weights,
                                  "--out", metrics],
                                 exp_keys + eval_keys,
-                                deps=[root, ckpt, f"{SRC}/engine", f"{SRC}/data", f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC,
+                                deps=[root, weights, f"{SRC}/engine", f"{SRC}/data", f"{SRC}/evaluation"] + MODEL_SRC
+                                + COMMON_SRC,
                                 metrics=[metrics], heavy=True))
             report_deps.append(metrics)
 
@@ -120,8 +128,20 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                             deps=[f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC, metrics=[metrics], heavy=True))
         report_deps.append(metrics)
 
+    speed = raw.get("speed")
+    if speed:
+        src = raw["experiments"][speed["experiment"]]
+        weights = f"data/checkpoints/{src['init_from']}.pt"
+        metrics = "reports/metrics/speed.json"
+        stages.append(Stage("speed", ["effdetr", "speed", *p, "--data", root, "--checkpoint", weights, "--out", metrics],
+                            ["profile", "speed", f"experiments.{speed['experiment']}"]
+                            + [f"{prof_key}.{s}" for s in ("data", "input", "model", "train", "eval")],
+                            deps=[root, weights, f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC,
+                            metrics=[metrics], heavy=True))
+        report_deps.append(metrics)
+
     stages.append(Stage("report", ["effdetr", "report", *p, "--metrics", "reports/metrics", "--out", "reports"],
-                        ["profile", "experiments", "flops"],
+                        ["profile", "experiments", "flops"] + (["speed"] if speed else []),
                         deps=report_deps + [f"{SRC}/reporting"] + COMMON_SRC,
                         outs=["reports/README.md"], out_dirs=["reports/tables", "reports/figures"]))
     return stages

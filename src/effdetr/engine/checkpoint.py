@@ -35,3 +35,52 @@ def load_model_checkpoint(path: str | Path) -> dict:
         if key not in ckpt:
             raise ValueError(f"{path}: checkpoint field '{key}' is missing (not an effdetr model file?)")
     return ckpt
+
+
+# Fields that may differ between a checkpoint and the config evaluating it: they change how
+# the trained weights are used (ACT's drop-in kernels), never which weights exist.
+INFERENCE_ONLY = ("encoder_attention", "act")
+
+
+def _arch(cfg: dict) -> dict:
+    out = {k: v for k, v in cfg.items() if k not in INFERENCE_ONLY}
+    out["backbone"] = {k: v for k, v in cfg.get("backbone", {}).items() if k != "pretrained"}
+    return out
+
+
+def build_trained_model(path: str | Path, model_cfg=None):
+    """The model stored in ``path``. With ``model_cfg`` (an experiment's ModelConfig) the
+    model is built from that config -- e.g. with ACT kernels -- after checking that it has
+    the checkpoint's architecture; errors name the file and the first differing field."""
+    import dataclasses
+
+    from ..config import ModelConfig, build
+    from ..models import build_model
+    ckpt = load_model_checkpoint(path)
+    stored = build(ModelConfig, ckpt["model_config"], path, "model_config")
+    if model_cfg is None:
+        model_cfg = stored
+    else:
+        want, have = _arch(dataclasses.asdict(model_cfg)), _arch(dataclasses.asdict(stored))
+        diff = _first_difference(want, have)
+        if diff:
+            key, a, b = diff
+            raise ValueError(f"{path}: model_config.{key} is {b!r} but the experiment needs {a!r} "
+                             "(this checkpoint was trained with another architecture)")
+    model_cfg = dataclasses.replace(model_cfg, backbone=dataclasses.replace(model_cfg.backbone, pretrained="none"))
+    model = build_model(model_cfg)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: model weights do not fit model_config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model, ckpt
+
+
+def _first_difference(a, b, prefix: str = ""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return (prefix.rstrip("."), a, b) if a != b else None

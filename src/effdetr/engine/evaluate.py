@@ -42,15 +42,22 @@ def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, floa
     (attention cost depends on the token count, and for ACT on the image content)."""
     parts = getattr(model, "flops_parts", DETR_PARTS)
     device = next(model.parameters()).device
+    kernels = [attn.kernel for attn in model.transformer.encoder_attention_modules()]
     sums: dict[str, float] = {}
     n = min(num_images, len(dataset))
     for i in range(n):
         img, _ = dataset[i]
         mask = torch.zeros(1, *img.shape[-2:], dtype=torch.bool, device=device)
-        for k, v in count_flops(model, img[None].to(device), mask, parts).items():
+        stats = {f"gmacs_{k}": v for k, v in count_flops(model, img[None].to(device), mask, parts).items()}
+        for layer, kernel in enumerate(kernels):
+            counts = getattr(kernel, "last_counts", None)
+            if counts is not None:  # clustering kernels: prototypes per head, this image
+                stats[f"prototypes_layer{layer}"] = float(counts.float().mean())
+                stats["encoder_tokens"] = float(kernel.last_tokens)
+        for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v / n
-    sums["transformer"] = sums["total"] - sums["backbone"]
-    return {f"gmacs_{k}": v for k, v in sums.items()}
+    sums["gmacs_transformer"] = sums["gmacs_total"] - sums["gmacs_backbone"]
+    return sums
 
 
 def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num_workers: int,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import random
 import sys
 import time
@@ -21,11 +22,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.coco import CocoDetection, collate, split_paths
 from ..data.transforms import build_transforms
+from ..distill.mtkd import build_distiller
 from ..models import build_model
 from ..models.backbone import load_backbone_weights
 from ..models.criterion import build_criterion
 from ..utils.repro import resolve_device, rng_state, seed_everything, set_rng_state
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import build_trained_model, load_checkpoint, save_atomic
 
 
 class SeededSamples(Dataset):
@@ -83,10 +85,13 @@ class Progress:
 
 
 def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=None,
-          model_builder=build_model, backbone_weights: str | None = None) -> dict:
+          model_builder=build_model, backbone_weights: str | None = None, init: str | None = None,
+          teacher: str | None = None, distill_cfg=None) -> dict:
     """Train ``cfg`` (a ProfileConfig); returns the final epoch's metrics.
 
     ``backbone_weights``: the pretrain stage's file, for ``backbone.pretrained: pipeline``.
+    ``init``: a trained model file whose weights this run starts from (same architecture).
+    ``teacher`` + ``distill_cfg``: a frozen teacher model file and how to distil it.
     """
     t = cfg.train
     device = resolve_device(t.device)
@@ -96,7 +101,10 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
     if dataset.dropped:
         print(f"[data] {ann}: dropped {dataset.dropped} boxes with no area inside their image")
     model = model_builder(cfg.model)
-    if cfg.model.backbone.pretrained == "pipeline":
+    if init:
+        # weights only: the ACT student keeps its own (parameter-free) kernels
+        model.load_state_dict(build_trained_model(init, cfg.model)[0].state_dict())
+    elif cfg.model.backbone.pretrained == "pipeline":
         if not backbone_weights:
             raise ValueError("model.backbone.pretrained is 'pipeline' but no --backbone weights were given")
         load_backbone_weights(model.backbone.body, backbone_weights)
@@ -104,6 +112,12 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
         model.backbone.requires_grad_(False)
     model.to(device)
     criterion = build_criterion(cfg.model, cfg.loss).to(device)
+    teacher_model, distiller = None, None
+    if distill_cfg is not None:
+        if not teacher:
+            raise ValueError("distillation is configured but no --teacher model file was given")
+        teacher_model = build_trained_model(teacher)[0].to(device).eval().requires_grad_(False)
+        distiller = build_distiller(distill_cfg)
     groups = [g for g in model.param_groups(t.lr, t.lr_backbone, t.weight_decay) if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -154,6 +168,12 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
                 outputs = model(images, masks)
             losses = criterion(outputs, targets)
             total = criterion.total(losses, num_aux)
+            if distiller is not None:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    teacher_out = teacher_model(images, masks)
+                kd = distiller(outputs, teacher_out)
+                total = total + distiller.total(kd)
+                losses.update(kd)
             if not torch.isfinite(total):
                 raise FloatingPointError(f"loss is {total.item()} at epoch {epoch} iter {it}; "
                                          f"components: { {k: v.item() for k, v in losses.items()} }")
@@ -165,7 +185,7 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
             it += 1
             step += 1
             seen += len(images)
-            for k, v in [("loss", total.item())] + [(k, v.item()) for k, v in losses.items() if "_" not in k[5:]]:
+            for k, v in [("loss", total.item())] + [(k, v.item()) for k, v in losses.items() if not re.search(r"_\d+$", k)]:
                 s, n = meters.get(k, (0.0, 0))
                 meters[k] = (s + v, n + 1)
             progress.update(epoch, it, iters_per_epoch, total.item(), optimizer.param_groups[0]["lr"],

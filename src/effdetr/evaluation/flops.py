@@ -4,7 +4,8 @@ Built on ``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 per multip
 we halve it). Like fvcore/Detectron2's counter, only matrix products and convolutions are
 charged; normalisation, softmax and element-wise ops are not. Ops the counter does not
 know are given formulas in :data:`EXTRA_FORMULAS` (CPU fused attention here; later issues
-add MSDeformAttn, grid_sampler and ACT clustering). Counts are split by top-level module:
+add MSDeformAttn and grid_sampler). Data-dependent kernels (ACT) report their own exact
+count, which replaces what the counter saw inside them (:func:`apply_exact_counts`). Counts are split by top-level module:
 backbone, encoder, decoder, and the rest ("heads": input projection, box/class heads).
 """
 from __future__ import annotations
@@ -45,9 +46,8 @@ def _subtree(table: dict, prefix: str) -> int:
     return sum(sum(table[k].values()) for k in top)
 
 
-def split_counts(counter: FlopCounterMode, model_name: str, parts: dict[str, str]) -> dict[str, float]:
+def split_counts(table: dict, model_name: str, parts: dict[str, str]) -> dict[str, float]:
     """Per-part GMACs from the counter's module table; parts maps label -> attribute path."""
-    table = counter.get_flop_counts()
     total = sum(table.get("Global", {}).values())
     out, assigned = {}, 0
     for label, attr in parts.items():
@@ -57,6 +57,23 @@ def split_counts(counter: FlopCounterMode, model_name: str, parts: dict[str, str
     out["heads"] = (total - assigned) / 2e9
     out["total"] = total / 2e9
     return out
+
+
+def apply_exact_counts(table: dict, model: torch.nn.Module) -> None:
+    """Data-dependent kernels (ACT, K-means) know their own cost: a module with an
+    ``exact_macs()`` method has what the counter measured inside it (padded prototype
+    batches, hashing) replaced by that number, in itself and in every enclosing module."""
+    root = type(model).__name__
+    for name, module in model.named_modules():
+        if not callable(getattr(module, "exact_macs", None)):
+            continue
+        path = f"{root}.{name}"
+        if path not in table:
+            continue
+        delta = 2 * module.exact_macs() - sum(table[path].values())  # the counter counts 2 per MAC
+        for key in list(table):
+            if key == "Global" or key == path or path.startswith(key + "."):
+                table[key]["exact_kernel_correction"] = table[key].get("exact_kernel_correction", 0) + delta
 
 
 @torch.no_grad()
@@ -73,7 +90,9 @@ def count_flops(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tenso
     finally:
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
-    return split_counts(counter, type(model).__name__, parts)
+    table = {k: dict(v) for k, v in counter.get_flop_counts().items()}
+    apply_exact_counts(table, model)
+    return split_counts(table, type(model).__name__, parts)
 
 
 DETR_PARTS = {"backbone": "backbone", "encoder": "transformer.encoder", "decoder": "transformer.decoder"}

@@ -1,9 +1,12 @@
 """DETR (Carion et al., 2020): backbone -> 1x1 projection -> transformer -> set prediction."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.act import ACTAttentionKernel, KMeansAttentionKernel
+from ..ops.attention import DenseAttentionKernel
 from .backbone import Backbone
 from .position import PositionEmbeddingSine
 from .transformer import Transformer
@@ -23,7 +26,8 @@ class MLP(nn.Module):
 
 class DETR(nn.Module):
     def __init__(self, backbone: Backbone, transformer: Transformer, num_classes: int,
-                 num_queries: int, aux_loss: bool = True):
+                 num_queries: int, aux_loss: bool = True, box_reference: bool = False,
+                 spatial_prior: bool = False):
         super().__init__()
         dim = transformer.dim
         self.backbone, self.transformer = backbone, transformer
@@ -34,6 +38,16 @@ class DETR(nn.Module):
         self.bbox_embed = MLP(dim, dim, 4, 3)
         self.aux_loss = aux_loss
         self.num_classes = num_classes
+        # Optional (off in DETR): each query owns a learned reference point and predicts its
+        # box centre as an offset from it in logit space; boxes start at the references.
+        self.reference = nn.Linear(dim, 2) if box_reference else None
+        if box_reference:
+            nn.init.xavier_uniform_(self.reference.weight)
+            nn.init.zeros_(self.reference.bias)
+            nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+            nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        # Optional (off in DETR): a Gaussian-shaped logit bias around each reference point.
+        self.log_scale = nn.Parameter(torch.full((num_queries, 1), -2.0)) if spatial_prior else None
 
     def forward(self, images: Tensor, mask: Tensor) -> dict:
         """images [B,3,H,W] (normalised, zero-padded), mask [B,H,W] True on padding.
@@ -44,14 +58,32 @@ class DETR(nn.Module):
         """
         feats, fmask = self.backbone(images, mask)
         pos = self.position(fmask).to(feats.dtype)
-        hs, memory = self.transformer(self.input_proj(feats), fmask, self.query_embed.weight, pos)
+        ref = None
+        if self.reference is not None:
+            ref = self.reference(self.query_embed.weight).sigmoid().clamp(1e-4, 1 - 1e-4)  # [Q,2] (x,y)
+        bias = self.spatial_bias(ref, fmask) if self.log_scale is not None else None
+        hs, memory = self.transformer(self.input_proj(feats), fmask, self.query_embed.weight, pos, bias)
         logits = self.class_embed(hs)
-        boxes = self.bbox_embed(hs).sigmoid()
+        raw = self.bbox_embed(hs)
+        if ref is not None:
+            raw = raw + F.pad(torch.log(ref / (1 - ref)), (0, 2))
+        boxes = raw.sigmoid()
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "memory": memory}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                   for a, b in zip(logits[:-1], boxes[:-1])]
         return out
+
+    def spatial_bias(self, ref: Tensor, fmask: Tensor) -> Tensor:
+        """-|p - r_q|^2 / (2 s_q^2) for every query q and feature cell p, in coordinates
+        normalised to the unpadded image (as boxes are) -> [B,1,Q,HW]."""
+        valid = (~fmask).float()
+        ys = (valid.cumsum(1) - 0.5) / valid.sum(1, keepdim=True).clamp(min=1)
+        xs = (valid.cumsum(2) - 0.5) / valid.sum(2, keepdim=True).clamp(min=1)
+        dx = xs.flatten(1)[:, None, :] - ref[None, :, 0:1]
+        dy = ys.flatten(1)[:, None, :] - ref[None, :, 1:2]
+        scale = self.log_scale.exp()[None]  # [1,Q,1]
+        return (-(dx * dx + dy * dy) / (2 * scale * scale)).unsqueeze(1)
 
     def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
         """AdamW groups: the backbone gets its own learning rate."""
@@ -61,8 +93,27 @@ class DETR(nn.Module):
                 {"params": body, "lr": lr_backbone, "weight_decay": weight_decay}]
 
 
+def set_encoder_attention(transformer: Transformer, kind: str, act_cfg=None) -> None:
+    """Put ``kind`` (dense | act | kmeans) kernels into every encoder self-attention.
+
+    Kernels hold no trained parameters, so this works on a trained model in place; layer
+    i hashes with seed ``act_cfg.seed + i`` (independent projections per layer)."""
+    for i, attn in enumerate(transformer.encoder_attention_modules()):
+        if kind == "dense":
+            attn.kernel = DenseAttentionKernel()
+        elif kind == "act":
+            attn.kernel = ACTAttentionKernel(attn.head_dim, act_cfg.rounds, act_cfg.bucket_width, act_cfg.seed + i)
+        elif kind == "kmeans":
+            attn.kernel = KMeansAttentionKernel(attn.head_dim, act_cfg.rounds, act_cfg.bucket_width,
+                                                act_cfg.seed + i, act_cfg.kmeans_iters)
+        else:
+            raise ValueError(f"unknown encoder attention {kind!r}")
+
+
 def build_detr(cfg) -> DETR:
     backbone = Backbone(cfg.backbone, train_backbone=True)
     transformer = Transformer(cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers,
                               cfg.ffn_dim, cfg.dropout, cfg.pre_norm)
-    return DETR(backbone, transformer, cfg.num_classes, cfg.num_queries, cfg.aux_loss)
+    set_encoder_attention(transformer, cfg.encoder_attention, cfg.act)
+    return DETR(backbone, transformer, cfg.num_classes, cfg.num_queries, cfg.aux_loss, cfg.box_reference,
+                cfg.spatial_prior)

@@ -54,16 +54,17 @@ class DecoderLayer(nn.Module):
         self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
         self.pre_norm = pre_norm
 
-    def forward(self, tgt, memory, pos, query_pos, memory_mask):
+    def forward(self, tgt, memory, pos, query_pos, memory_mask, cross_bias=None):
         if self.pre_norm:
             x = self.norm1(tgt)
             tgt = tgt + self.drop1(self.self_attn(x + query_pos, x + query_pos, x))
             x = self.norm2(tgt)
-            tgt = tgt + self.drop2(self.cross_attn(x + query_pos, memory + pos, memory, memory_mask))
+            tgt = tgt + self.drop2(self.cross_attn(x + query_pos, memory + pos, memory, memory_mask, cross_bias))
             return tgt + self.drop3(self.ffn(self.norm3(tgt)))
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.drop1(self.self_attn(q, q, tgt)))
-        tgt = self.norm2(tgt + self.drop2(self.cross_attn(tgt + query_pos, memory + pos, memory, memory_mask)))
+        tgt = self.norm2(tgt + self.drop2(self.cross_attn(tgt + query_pos, memory + pos, memory, memory_mask,
+                                                          cross_bias)))
         return self.norm3(tgt + self.drop3(self.ffn(tgt)))
 
 
@@ -91,8 +92,9 @@ class Transformer(nn.Module):
             src = layer(src, pos, mask)
         return self.enc_norm(src)
 
-    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor):
-        """src [B,C,H,W], mask [B,H,W], query_embed [Q,C], pos [B,C,H,W] ->
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor, cross_bias: Tensor | None = None):
+        """src [B,C,H,W], mask [B,H,W], query_embed [Q,C], pos [B,C,H,W], cross_bias (optional
+        decoder cross-attention logit bias [B,1,Q,HW]) ->
         (hs [L_dec,B,Q,C] normed decoder outputs per layer, memory [B,HW,C])."""
         b = src.shape[0]
         src, pos = src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2)
@@ -102,6 +104,6 @@ class Transformer(nn.Module):
         tgt = torch.zeros_like(query_pos)
         hs = []
         for layer in self.decoder:
-            tgt = layer(tgt, memory, pos, query_pos, mask)
+            tgt = layer(tgt, memory, pos, query_pos, mask, cross_bias)
             hs.append(self.dec_norm(tgt))
         return torch.stack(hs), memory

@@ -14,11 +14,16 @@ from torch import Tensor, nn
 class DenseAttentionKernel(nn.Module):
     """softmax(q k^T / sqrt(d)) v over all keys (fused SDPA)."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        """q [B,h,Nq,d], k/v [B,h,Nk,d], key_padding_mask [B,Nk] True = ignore -> [B,h,Nq,d]."""
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+                attn_bias: Tensor | None = None) -> Tensor:
+        """q [B,h,Nq,d], k/v [B,h,Nk,d], key_padding_mask [B,Nk] True = ignore, attn_bias
+        (added to the logits) broadcastable to [B,h,Nq,Nk] -> [B,h,Nq,d]."""
         attn_mask = None
         if key_padding_mask is not None:
             attn_mask = ~key_padding_mask[:, None, None, :]
+        if attn_bias is not None:
+            bias = attn_bias.to(q.dtype)
+            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
@@ -45,9 +50,12 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, n, self.nheads, self.head_dim).transpose(1, 2)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
-                key_padding_mask: Tensor | None = None) -> Tensor:
-        """query [B,Nq,C], key/value [B,Nk,C] -> [B,Nq,C]."""
+                key_padding_mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
+        """query [B,Nq,C], key/value [B,Nk,C], attn_bias [B,1|h,Nq,Nk] (logit bias) -> [B,Nq,C]."""
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
-        out = self.kernel(q, k, v, key_padding_mask)
+        if attn_bias is None:
+            out = self.kernel(q, k, v, key_padding_mask)
+        else:
+            out = self.kernel(q, k, v, key_padding_mask, attn_bias)
         out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
         return self.out_proj(out)

@@ -25,3 +25,23 @@ def plot_training_curves(history: list[dict], title: str, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def plot_prototypes_per_layer(stats: dict[str, dict], out: Path) -> None:
+    """ACT's finding, per experiment: prototypes per encoder layer (mean over heads and
+    images), as a fraction of the encoder's tokens."""
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for name, s in stats.items():
+        layers = sorted(int(k.removeprefix("prototypes_layer")) for k in s if k.startswith("prototypes_layer"))
+        tokens = s.get("encoder_tokens") or 1.0
+        ax.plot([i + 1 for i in layers], [s[f"prototypes_layer{i}"] / tokens for i in layers],
+                marker="o", ms=3, label=name)
+    ax.set_xlabel("encoder layer")
+    ax.set_ylabel("prototypes / tokens")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("ACT: prototypes per encoder layer (mean over heads and val images)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

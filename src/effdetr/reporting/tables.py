@@ -13,8 +13,10 @@ import json
 import math
 from pathlib import Path
 
+from ..config import expand_experiments
+from .claims import judge
 from .paper import load_paper_tables
-from .plots import plot_training_curves
+from .plots import plot_prototypes_per_layer, plot_training_curves
 
 AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}
 COLUMNS = ["model", "metric", "paper", "reproduced", "delta", "claim holds at this scale"]
@@ -51,16 +53,15 @@ def flops_values(metrics_dir: Path) -> tuple[dict[str, dict], list[dict], dict |
     return rows, [{"what": "flops", **data["provenance"]}], data
 
 
-def judge(claim, paper: float | None, repro: float | None) -> str:
-    if claim == "reference":
-        return "reference row"
-    if repro is None or (isinstance(repro, float) and math.isnan(repro)):
-        return "not run"
-    if isinstance(claim, dict) and "rel_tol" in claim and paper:
-        rel = (repro - paper) / paper
-        ok = abs(rel) <= claim["rel_tol"]
-        return f"{'yes' if ok else 'no'} ({rel:+.1%}, tolerance ±{claim['rel_tol']:.0%})"
-    return "n/a"
+def speed_values(metrics_dir: Path) -> tuple[dict[str, dict], list[dict], dict | None]:
+    """Encoder timing rows (see evaluation/speed.py); speedup = dense ms / this ms."""
+    data = _read(metrics_dir / "speed.json")
+    if not data:
+        return {}, [], None
+    dense = data["results"].get("dense", {}).get("ms")
+    rows = {label: {**r, "speedup": (dense / r["ms"]) if dense and r.get("ms") else None}
+            for label, r in data["results"].items()}
+    return rows, [{"what": "speed", **data["provenance"]}], data
 
 
 def _fmt(v) -> str:
@@ -71,15 +72,18 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def table_rows(spec: dict, reproduced: dict[str, dict]) -> list[list[str]]:
+def table_rows(spec: dict, reproduced: dict[str, dict], extra: list[str] = ()) -> list[list[str]]:
+    """Long format, one line per (row, metric); ``extra``: experiments without paper rows."""
     rows = []
-    for key, row in spec["rows"].items():
+    for key, row in list(spec["rows"].items()) + [(n, {"label": n}) for n in extra]:
         got = reproduced.get(key, {})
         for metric in spec["metrics"]:
             paper, repro = row.get(metric), got.get(metric)
+            if paper is None and repro is None:
+                continue
             delta = repro - paper if paper is not None and repro is not None else None
             rows.append([row.get("label", key), metric, _fmt(paper), _fmt(repro), _fmt(delta),
-                         judge(row.get("claim"), paper, repro)])
+                         judge(row, metric, paper, reproduced, key)])
     return rows
 
 
@@ -114,11 +118,21 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
     index = []
     context = {"profile": params.profile, "params_hash": phash, "run_id": run_id}
 
+    # A table is written when an experiment names it; its rows are read from every
+    # experiment the paper table lists (a row may belong to another table's experiment).
+    experiments = expand_experiments(params.experiments, "params.yaml")
     wanted: dict[str, list[str]] = {}
-    for name, exp in params.experiments.items():
-        wanted.setdefault(exp["table"], []).append(name)
+    for name, (_, exp) in experiments.items():
+        wanted.setdefault(exp["table"], [])
     if params.flops.models:
         wanted.setdefault(params.flops.table, [])
+    speed_rows, speed_prov, speed_data = speed_values(metrics_dir)
+    if params.speed is not None:
+        wanted.setdefault(params.speed.table, [])
+    for tid in wanted:
+        if tid in specs:  # the paper's rows, then this repo's extra experiments for the table
+            extra = [n for n, (_, e) in experiments.items() if e["table"] == tid and n not in specs[tid]["rows"]]
+            wanted[tid] = [k for k in specs[tid]["rows"] if k in experiments] + extra
 
     for tid in sorted(wanted):
         if tid not in specs:
@@ -129,6 +143,11 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
             reproduced, prov = flops_rows, flops_prov
             sizes = flops_data["input_sizes"] if flops_data else params.flops.input_sizes
             note = f"Input sizes (h, w) averaged: {sizes}."
+        elif params.speed is not None and tid == params.speed.table:
+            reproduced, prov = speed_rows, speed_prov
+            note = (f"Device: `{speed_data['device']}` ({speed_data['environment'].get('cuda')}), "
+                    f"{speed_data['environment'].get('threads')} CPU threads, torch "
+                    f"{speed_data['environment'].get('torch')}." if speed_data else "Not run yet.")
         else:
             reproduced, prov = {}, []
             for name in wanted[tid]:
@@ -136,7 +155,7 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
                 prov += p
             note = ("SynthCOCO is not COCO: compare *relations* between rows (the claims), not "
                     "absolute values, with the paper." if params.profile == "synth" else "")
-        rows = table_rows(spec, reproduced)
+        rows = table_rows(spec, reproduced, [n for n in wanted[tid] if n not in spec["rows"]])
         ctx = {**context, "note": note}
         md, csv_path = tables_dir / f"{tid}.md", tables_dir / f"{tid}.csv"
         md.write_text(render_markdown(tid, spec, rows, prov, ctx))
@@ -147,12 +166,19 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
         written += [md, csv_path]
         index.append((tid, spec["title"], spec["paper"]))
 
-    for name in params.experiments:
+    for name in experiments:
         tr = _read(metrics_dir / name / "train.json")
         if tr and tr.get("history"):
             png = fig_dir / f"{name}_training.png"
             plot_training_curves(tr["history"], f"{name}: training losses per epoch", png)
             written.append(png)
+
+    layer_stats = {name: vals for name in experiments
+                   if (vals := _read(metrics_dir / name / "eval.json")) and "prototypes_layer0" in vals["stats"]}
+    if layer_stats:
+        png = fig_dir / "prototypes_per_layer.png"
+        plot_prototypes_per_layer({n: v["stats"] for n, v in sorted(layer_stats.items())}, png)
+        written.append(png)
 
     readme = out_dir / "README.md"
     lines = ["# effdetr reports", "",

@@ -58,6 +58,19 @@ def source_hash(root=None) -> str:
     return h.hexdigest()[:12]
 
 
+def files_hash(paths) -> str:
+    """Content hash of input weight files (backbone, init, teacher): a retrained teacher
+    must not let a student resume state distilled from the old one."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in paths:
+        if p:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:8]
+
+
 def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",

@@ -1,0 +1,1 @@
+"""Knowledge distillation losses (ACT's MTKD; DETRDistill later)."""

@@ -1,0 +1,58 @@
+"""Judge a paper's claims on reproduced numbers (never on the paper's own).
+
+A table row in ``reporting/paper/*.yaml`` lists its claims; each applies to one metric
+(or to all, without ``metric``):
+
+- ``reference``: the row other rows are compared with.
+- ``{rel_tol: t}``: reproduced within +-t (relative) of the paper's number (paper-scale
+  FLOPs, where the numbers themselves must agree).
+- ``{max_drop: x, vs: row}``: reproduced[vs] - reproduced[row] <= x.
+- ``{higher: row}`` / ``{lower: row}``: reproduced[row] above / below reproduced[that row].
+"""
+from __future__ import annotations
+
+import math
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def row_claims(spec_row: dict) -> list:
+    if "claims" in spec_row:
+        return list(spec_row["claims"])
+    return [spec_row["claim"]] if "claim" in spec_row else []
+
+
+def judge(spec_row: dict, metric: str, paper, reproduced: dict[str, dict], row_key: str) -> str:
+    verdicts = []
+    mine = reproduced.get(row_key, {}).get(metric)
+    for claim in row_claims(spec_row):
+        if claim == "reference":
+            return "reference row"
+        if not isinstance(claim, dict) or claim.get("metric", metric) != metric:
+            continue
+        if _missing(mine):
+            return "not run"
+        if "rel_tol" in claim:
+            if paper:
+                rel = (mine - paper) / paper
+                ok = abs(rel) <= claim["rel_tol"]
+                verdicts.append(f"{'yes' if ok else 'no'} ({rel:+.1%}, tolerance ±{claim['rel_tol']:.0%})")
+            continue
+        for kind in ("max_drop", "higher", "lower"):
+            if kind not in claim:
+                continue
+            other_key = claim["vs"] if kind == "max_drop" else claim[kind]
+            other = reproduced.get(other_key, {}).get(metric)
+            if _missing(other):
+                verdicts.append(f"not run ({other_key})")
+            elif kind == "max_drop":
+                drop = other - mine
+                verdicts.append(f"{'yes' if drop <= claim['max_drop'] else 'no'} "
+                                f"(drop {drop:.2f} vs {other_key}, allowed {claim['max_drop']})")
+            elif kind == "higher":
+                verdicts.append(f"{'yes' if mine > other else 'no'} ({mine - other:+.2f} vs {other_key})")
+            else:
+                verdicts.append(f"{'yes' if mine < other else 'no'} ({mine - other:+.2f} vs {other_key})")
+    return "; ".join(verdicts) if verdicts else "—"
