@@ -18,6 +18,13 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
+def _num(x: float, sign: bool = False) -> str:
+    """Two decimals for AP-sized numbers, three significant digits for tiny ones (GFLOPs)."""
+    if x != 0 and abs(x) < 0.1:
+        return f"{x:+.3g}" if sign else f"{x:.3g}"
+    return f"{x:+.2f}" if sign else f"{x:.2f}"
+
+
 def row_claims(spec_row: dict) -> list:
     if "claims" in spec_row:
         return list(spec_row["claims"])
@@ -50,9 +57,9 @@ def judge(spec_row: dict, metric: str, paper, reproduced: dict[str, dict], row_k
             elif kind == "max_drop":
                 drop = other - mine
                 verdicts.append(f"{'yes' if drop <= claim['max_drop'] else 'no'} "
-                                f"(drop {drop:.2f} vs {other_key}, allowed {claim['max_drop']})")
+                                f"(drop {_num(drop)} vs {other_key}, allowed {claim['max_drop']})")
             elif kind == "higher":
-                verdicts.append(f"{'yes' if mine > other else 'no'} ({mine - other:+.2f} vs {other_key})")
+                verdicts.append(f"{'yes' if mine > other else 'no'} ({_num(mine - other, True)} vs {other_key})")
             else:
-                verdicts.append(f"{'yes' if mine < other else 'no'} ({mine - other:+.2f} vs {other_key})")
+                verdicts.append(f"{'yes' if mine < other else 'no'} ({_num(mine - other, True)} vs {other_key})")
     return "; ".join(verdicts) if verdicts else "—"

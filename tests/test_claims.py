@@ -1,0 +1,44 @@
+"""Claim verdicts are computed from reproduced numbers only, per metric."""
+from effdetr.reporting.claims import judge
+from effdetr.reporting.tables import table_rows
+
+SPEC = {
+    "metrics": ["AP", "gflops"],
+    "rows": {
+        "base": {"label": "Base", "AP": 40.0, "gflops": 10.0, "claims": ["reference"]},
+        "fast": {"label": "Fast", "AP": 39.0, "gflops": 8.0,
+                 "claims": [{"metric": "AP", "max_drop": 1.5, "vs": "base"}, {"metric": "gflops", "lower": "base"}]},
+        "tuned": {"label": "Tuned", "AP": 39.5, "claims": [{"metric": "AP", "higher": "fast"}]},
+        "paper_scale": {"label": "P", "gflops": 100.0, "claim": {"rel_tol": 0.1}},
+    },
+}
+
+
+def test_relations_between_reproduced_rows():
+    rep = {"base": {"AP": 10.0, "gflops": 1.0}, "fast": {"AP": 8.0, "gflops": 0.9}, "tuned": {"AP": 8.5}}
+    assert judge(SPEC["rows"]["base"], "AP", 40.0, rep, "base") == "reference row"
+    assert judge(SPEC["rows"]["fast"], "AP", 39.0, rep, "fast").startswith("no (drop 2.00 vs base, allowed 1.5)")
+    assert judge(SPEC["rows"]["fast"], "gflops", 8.0, rep, "fast").startswith("yes (-0.1 vs base)")
+    rep["fast"]["gflops"] = 1.0004
+    assert judge(SPEC["rows"]["fast"], "gflops", 8.0, rep, "fast").startswith("no (+0.0004 vs base)")
+    rep["fast"]["gflops"] = 0.9
+    assert judge(SPEC["rows"]["tuned"], "AP", 39.5, rep, "tuned").startswith("yes (+0.50 vs fast)")
+    rep["fast"]["AP"] = 9.0
+    assert judge(SPEC["rows"]["fast"], "AP", 39.0, rep, "fast").startswith("yes (drop 1.00")
+    assert judge(SPEC["rows"]["tuned"], "AP", 39.5, rep, "tuned").startswith("no (-0.50 vs fast)")
+
+
+def test_missing_numbers_say_not_run_and_paper_tolerance_uses_paper():
+    assert judge(SPEC["rows"]["fast"], "AP", 39.0, {}, "fast") == "not run"
+    assert judge(SPEC["rows"]["fast"], "AP", 39.0, {"fast": {"AP": 5.0}}, "fast") == "not run (base)"
+    assert judge(SPEC["rows"]["paper_scale"], "gflops", 100.0, {"paper_scale": {"gflops": 95.0}},
+                 "paper_scale").startswith("yes (-5.0%")
+    assert judge(SPEC["rows"]["paper_scale"], "gflops", 100.0, {"paper_scale": {"gflops": 80.0}},
+                 "paper_scale").startswith("no (-20.0%")
+
+
+def test_table_rows_skip_empty_cells_and_add_extra_experiments():
+    rows = table_rows(SPEC, {"base": {"AP": 10.0}, "extra": {"AP": 3.0}}, ["extra"])
+    labels = [(r[0], r[1]) for r in rows]
+    assert ("Tuned", "gflops") not in labels  # neither a paper nor a reproduced number
+    assert ("extra", "AP") in labels and rows[-1][2] == "—"
