@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -37,9 +38,10 @@ def plot_prototypes_per_layer(stats: dict[str, dict], out: Path) -> None:
         ax.plot([i + 1 for i in layers], [s[f"prototypes_layer{i}"] / tokens for i in layers],
                 marker="o", ms=3, label=name)
     ax.set_xlabel("encoder layer")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("prototypes / tokens")
     ax.set_ylim(0, 1.05)
-    ax.set_title("ACT: prototypes per encoder layer (mean over heads and val images)")
+    ax.set_title("ACT prototypes per encoder layer\n(mean over heads and val images)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

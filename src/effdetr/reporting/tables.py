@@ -173,7 +173,10 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
             plot_training_curves(tr["history"], f"{name}: training losses per epoch", png)
             written.append(png)
 
-    layer_stats = {name: vals for name in experiments
+    # ACT's drop-in swap only (eval-only experiments with act kernels), one line per L
+    swaps = [n for n, (_, e) in experiments.items() if "train" not in e.get("stages", ["train"])
+             and e.get("overrides", {}).get("model", {}).get("encoder_attention") == "act"]
+    layer_stats = {name: vals for name in swaps
                    if (vals := _read(metrics_dir / name / "eval.json")) and "prototypes_layer0" in vals["stats"]}
     if layer_stats:
         png = fig_dir / "prototypes_per_layer.png"
