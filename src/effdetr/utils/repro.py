@@ -32,14 +32,17 @@ def set_rng_state(state: dict) -> None:
 
 
 def git_info(cwd: str | None = None) -> dict:
-    """{'sha', 'dirty'}; sha 'unknown' outside a git checkout."""
+    """{'sha', 'dirty'}; sha 'unknown' outside a git checkout. Dirty means tracked files
+    differ from HEAD *other than the pipeline's own outputs* (reports/, dvc.lock), which
+    every DAG run rewrites -- otherwise every stage after the first report write is dirty."""
     def run(*args):
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
     try:
         sha = run("rev-parse", "HEAD")
         if sha.returncode != 0:
             return {"sha": "unknown", "dirty": True}
-        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    ":(exclude)reports", ":(exclude)dvc.lock").stdout.strip() != ""
         return {"sha": sha.stdout.strip(), "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"sha": "unknown", "dirty": True}
