@@ -48,25 +48,32 @@ def _arch(cfg: dict) -> dict:
     return out
 
 
-def build_trained_model(path: str | Path, model_cfg=None):
-    """The model stored in ``path``. With ``model_cfg`` (an experiment's ModelConfig) the
-    model is built from that config -- e.g. with ACT kernels -- after checking that it has
-    the checkpoint's architecture; errors name the file and the first differing field."""
+def load_compatible_checkpoint(path: str | Path, model_cfg=None):
+    """(checkpoint, config to build): ``model_cfg`` (an experiment's ModelConfig, e.g. with
+    ACT kernels) after checking it has the checkpoint's architecture, or the stored config;
+    errors name the file and the first differing field."""
     import dataclasses
 
     from ..config import ModelConfig, build
-    from ..models import build_model
     ckpt = load_model_checkpoint(path)
     stored = build(ModelConfig, ckpt["model_config"], path, "model_config")
     if model_cfg is None:
-        model_cfg = stored
-    else:
-        want, have = _arch(dataclasses.asdict(model_cfg)), _arch(dataclasses.asdict(stored))
-        diff = _first_difference(want, have)
-        if diff:
-            key, a, b = diff
-            raise ValueError(f"{path}: model_config.{key} is {b!r} but the experiment needs {a!r} "
-                             "(this checkpoint was trained with another architecture)")
+        return ckpt, stored
+    diff = _first_difference(_arch(dataclasses.asdict(model_cfg)), _arch(dataclasses.asdict(stored)))
+    if diff:
+        key, a, b = diff
+        raise ValueError(f"{path}: model_config.{key} is {b!r} but the experiment needs {a!r} "
+                         "(this checkpoint was trained with another architecture)")
+    return ckpt, model_cfg
+
+
+def build_trained_model(path: str | Path, model_cfg=None):
+    """The model stored in ``path``, built from ``model_cfg`` when given (see
+    :func:`load_compatible_checkpoint`) with the checkpoint's weights."""
+    import dataclasses
+
+    from ..models import build_model
+    ckpt, model_cfg = load_compatible_checkpoint(path, model_cfg)
     model_cfg = dataclasses.replace(model_cfg, backbone=dataclasses.replace(model_cfg.backbone, pretrained="none"))
     model = build_model(model_cfg)
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)

@@ -27,7 +27,7 @@ from ..models import build_model
 from ..models.backbone import load_backbone_weights
 from ..models.criterion import build_criterion
 from ..utils.repro import resolve_device, rng_state, seed_everything, set_rng_state
-from .checkpoint import build_trained_model, load_checkpoint, save_atomic
+from .checkpoint import build_trained_model, load_checkpoint, load_compatible_checkpoint, save_atomic
 
 
 class SeededSamples(Dataset):
@@ -103,7 +103,7 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
     model = model_builder(cfg.model)
     if init:
         # weights only: the ACT student keeps its own (parameter-free) kernels
-        model.load_state_dict(build_trained_model(init, cfg.model)[0].state_dict())
+        model.load_state_dict(load_compatible_checkpoint(init, cfg.model)[0]["model"])
     elif cfg.model.backbone.pretrained == "pipeline":
         if not backbone_weights:
             raise ValueError("model.backbone.pretrained is 'pipeline' but no --backbone weights were given")
