@@ -113,12 +113,23 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     for name in ("act_kmeans", "act_speed"):
         assert "MLflow run" in (workdir / f"reports/tables/{name}.md").read_text()
     assert (workdir / "reports/figures/prototypes_per_layer.png").stat().st_size > 1000
+    # Deformable / Sparse DETR: sparse encoder keeps fewer tokens and costs less; FPS measured;
+    # the Sparse DETR tables (main, paper-scale FLOPs) and the AP-vs-GFLOPs figure exist.
+    sp = json.loads((workdir / "reports/metrics/sparse_detr_rho0p3/eval.json").read_text())["stats"]
+    dd = json.loads((workdir / "reports/metrics/deformable_detr_topk/eval.json").read_text())["stats"]
+    assert sp["encoder_kept_tokens"] < sp["encoder_tokens"] == dd["encoder_tokens"]
+    assert sp["gmacs_encoder"] < dd["gmacs_encoder"] and sp["fps"] > 0
+    sparse_table = (workdir / "reports/tables/sparse_main.md").read_text()
+    assert "| Sparse DETR (rho=0.3) | AP | 46.00 |" in sparse_table
+    assert "sparse_detr_r50_rho0p1" in (workdir / "reports/metrics/flops.json").read_text()
+    assert "[[72, 88]]" in (workdir / "reports/tables/sparse_flops.md").read_text()
+    assert (workdir / "reports/figures/sparse_ap_vs_gflops.png").stat().st_size > 1000
 
     # Every stage left an MLflow run, visible through a real server.
     wait_healthy(mlflow_server)
     runs = search_runs(mlflow_server, "effdetr-test")
     stages_logged = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "stage") for r in runs)
-    assert stages_logged == sorted(["data", "pretrain"] + ["train"] * 3 + ["eval"] * 6 + ["speed", "flops", "report"])
+    assert stages_logged == sorted(["data", "pretrain"] + ["train"] * 5 + ["eval"] * 8 + ["speed", "flops", "report"])
     train_run = next(r for r in runs if r["info"]["run_name"] == "train-detr_dc5")
     keys = {m["key"] for m in train_run["data"]["metrics"]}
     assert "train_loss" in keys

@@ -87,8 +87,15 @@ def _check_weights(args, cfg, exp) -> None:
         build_trained_model(args.teacher)
 
 
+def _apply_threads(cfg) -> None:
+    if cfg.train.threads:
+        import torch
+        torch.set_num_threads(cfg.train.threads)
+
+
 def cmd_train(args) -> None:
     cfg, exp = C.experiment_config(args.params, args.experiment)
+    _apply_threads(cfg)
     params, _ = C.load_params(args.params)
     phash = C.params_hash(cfg)
     # Fail before compute: the data must be there and pass the annotation checks, and
@@ -134,6 +141,7 @@ def cmd_pretrain(args) -> None:
 
 def cmd_eval(args) -> None:
     cfg, exp = C.experiment_config(args.params, args.experiment)
+    _apply_threads(cfg)
     params, _ = C.load_params(args.params)
     phash = C.params_hash(cfg)
     import torch
@@ -152,7 +160,8 @@ def cmd_eval(args) -> None:
         torch.manual_seed(cfg.train.seed)
         stats = evaluate_dataset(model, dataset, device, cfg.eval.batch_size, cfg.eval.num_workers,
                                  cfg.data.area_ranges, amp=cfg.train.amp,
-                                 flops_images=cfg.eval.flops_images)
+                                 flops_images=cfg.eval.flops_images, fps_iters=cfg.eval.fps_iters,
+                                 fps_warmup=cfg.eval.fps_warmup)
         run.log_metrics({k: v for k, v in stats.items() if v == v})
         _write_json({"experiment": args.experiment, "stats": stats, "checkpoint_params_hash": ckpt.get("params_hash"),
                      "provenance": _provenance(run, phash)}, args.out)
@@ -170,7 +179,8 @@ def cmd_flops(args) -> None:
     with Run(params.tracking.experiment, "flops", _tags("flops", params.flops.paper, params.flops.table, phash),
              {"flops": C.to_dict(params.flops)}) as run:
         for name, mcfg in models.items():
-            results[name] = count_model(mcfg, params.flops.input_sizes)
+            sizes = params.flops.model_input_sizes.get(name, params.flops.input_sizes)
+            results[name] = {**count_model(mcfg, sizes), "input_sizes": sizes}
             run.log_metrics({f"{name}.gmacs": results[name]["gmacs"]["total"],
                              f"{name}.params_m": results[name]["params_m"]})
             print(f"[flops] {name}: {results[name]['gmacs']} GMACs, {results[name]['params_m']:.2f}M params")
@@ -253,6 +263,21 @@ def cmd_mlflow(args) -> None:
         print(f"[mlflow] re-imported {len(imported)} runs from sidecars")
 
 
+def cmd_bench(args) -> None:
+    """MSDA core timing at DESIGN.md's anchor shape (reference vs Triton vs official op)."""
+    from .evaluation.msda_bench import run_benchmark
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = run_benchmark(device, batch=args.batch, warmup=args.warmup, repeats=args.repeats)
+    shape = result["shape"]
+    print(f"[bench msda] {result['device']}: batch {shape['batch']}, {shape['tokens']} tokens, "
+          f"{shape['heads']} heads x {shape['channels']}, {len(shape['levels'])} levels x {shape['points']} points, fp32")
+    for name, row in result["results"].items():
+        print(f"  {name:34s} " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    if args.out:
+        _write_json(result, args.out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effdetr", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -296,6 +321,13 @@ def parser() -> argparse.ArgumentParser:
     sp = add("dag", cmd_dag, "render the stage table")
     sp.add_argument("format", choices=["dvc", "list"])
     sp.add_argument("--out", default="-")
+    sp = add("bench", cmd_bench, "benchmark an op (msda: reference vs Triton vs the official CUDA op)")
+    sp.add_argument("op", choices=["msda"])
+    sp.add_argument("--device", default=None, help="cuda (default when present) or cpu")
+    sp.add_argument("--batch", type=int, default=2)
+    sp.add_argument("--warmup", type=int, default=5)
+    sp.add_argument("--repeats", type=int, default=20)
+    sp.add_argument("--out", default=None, help="also write the result as JSON")
     sp = add("mlflow", cmd_mlflow, "initialise the store / re-import sidecar runs")
     sp.add_argument("action", choices=["init", "sync"])
     return p

@@ -110,8 +110,28 @@ class ClusterAttentionConfig:
 
 
 @dataclass
+class DeformableConfig:
+    """Deformable DETR (arch: deformable): multi-scale deformable attention everywhere."""
+    num_levels: int = _f(4, lo=1, hi=6, doc="C3..C5 (the last min(n, 3)) plus n - 3 stride-2 extra levels")
+    num_points: int = _f(4, lo=1, hi=16, doc="sampling points per head and level")
+    two_stage: bool = _f(False, doc="decoder queries = the top-k encoder tokens by a class-specific head "
+                         "(boxes = their refined anchors, content = their features)")
+    box_refine: bool = _f(False, doc="iterative box refinement: unshared per-layer heads move the references")
+
+
+@dataclass
+class SparseConfig:
+    """Sparse DETR's encoder sparsification (arch: deformable)."""
+    rho: Optional[float] = _f(None, lo=1e-6, hi=1.0, doc="fraction of tokens the encoder updates (null = all)")
+    saliency: Literal["dam", "objectness"] = _f(
+        "dam", doc="scoring-network target: decoder cross-attention map, or an objectness set loss (ablation)")
+    enc_aux_loss: bool = _f(True, doc="detection heads + set loss on the kept tokens after every encoder "
+                            "layer but the last")
+
+
+@dataclass
 class ModelConfig:
-    arch: Literal["detr"] = "detr"
+    arch: Literal["detr", "deformable"] = "detr"
     backbone: BackboneConfig = _f(factory=BackboneConfig)
     hidden_dim: int = _f(256, lo=8)
     nheads: int = _f(8, lo=1)
@@ -131,6 +151,8 @@ class ModelConfig:
     encoder_attention: Literal["dense", "act", "kmeans"] = _f(
         "dense", doc="encoder self-attention kernel; act/kmeans can be swapped into a trained model")
     act: ClusterAttentionConfig = _f(factory=ClusterAttentionConfig)
+    deformable: DeformableConfig = _f(factory=DeformableConfig)
+    sparse: SparseConfig = _f(factory=SparseConfig)
 
 
 @dataclass
@@ -142,6 +164,9 @@ class LossConfig:
     cost_class: float = _f(1.0, lo=0.0)
     cost_l1: float = _f(5.0, lo=0.0)
     cost_giou: float = _f(2.0, lo=0.0)
+    focal_alpha: float = _f(0.25, lo=0.0, hi=1.0, doc="sigmoid focal loss (arch: deformable)")
+    focal_gamma: float = _f(2.0, lo=0.0)
+    saliency: float = _f(1.0, lo=0.0, doc="Sparse DETR scoring-network loss weight")
 
 
 @dataclass
@@ -161,6 +186,9 @@ class TrainConfig:
     log_every_s: float = _f(30.0, lo=0.0)
     checkpoint_every_iters: int = _f(200, lo=1)
     max_iters_per_epoch: Optional[int] = _f(None, lo=1, doc="cap (tiny test profile only)")
+    threads: Optional[int] = _f(None, lo=1, doc="CPU threads of this experiment's train/eval jobs (null = all "
+                                "the scheduler gives); 1 lets Snakemake run models that gain little from a "
+                                "second thread side by side")
 
 
 @dataclass
@@ -169,6 +197,8 @@ class EvalConfig:
     num_workers: int = _f(2, lo=0)
     max_images: Optional[int] = _f(None, lo=1)
     flops_images: int = _f(20, lo=0, doc="val images over which GFLOPs are averaged (0 = skip)")
+    fps_iters: int = _f(0, lo=0, doc="timed batch-1 forward passes of the first val image for FPS (0 = skip)")
+    fps_warmup: int = _f(5, lo=0, doc="untimed passes before the FPS timing")
 
 
 @dataclass
@@ -231,6 +261,8 @@ class FlopsConfig:
     """Paper-scale FLOPs/params table: models are ModelConfig overrides of the coco profile."""
     input_sizes: list[list[int]] = _f(factory=lambda: [[800, 1066]])
     models: dict = _f(factory=dict)
+    model_input_sizes: dict = _f(factory=dict, doc="model name -> its own input sizes, where its paper's "
+                                 "protocol used other inputs (Sparse DETR: one 850x1040 proxy)")
     paper: str = "detr"
     table: str = "flops"
 
@@ -434,9 +466,18 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
     coco_model = params.profiles.get("coco", {}).get("model", {})
     for name, over in params.flops.models.items():
         build(ModelConfig, deep_merge(coco_model, over), file, f"flops.models.{name}")
-    for i, size in enumerate(params.flops.input_sizes):
-        if len(size) != 2 or min(size) < 16:
-            raise ConfigError(file, f"flops.input_sizes[{i}]", "expected [height, width], each >= 16")
+    sizes = {"flops.input_sizes": params.flops.input_sizes}
+    for name, value in params.flops.model_input_sizes.items():
+        if name not in params.flops.models:
+            raise ConfigError(file, f"flops.model_input_sizes.{name}", "not a model under flops.models")
+        sizes[f"flops.model_input_sizes.{name}"] = value
+    for key, value in sizes.items():
+        if not isinstance(value, list) or not value:
+            raise ConfigError(file, key, "expected a non-empty list of [height, width]")
+        for i, size in enumerate(value):
+            if not isinstance(size, list) or len(size) != 2 or not all(isinstance(x, int) for x in size) \
+                    or min(size) < 16:
+                raise ConfigError(file, f"{key}[{i}]", "expected [height, width], integers >= 16")
     return params
 
 
@@ -516,6 +557,11 @@ def _profile_from_dict(d: dict, file, path) -> ProfileConfig:
                           "centred on each query's reference point)")
     if m.hidden_dim % m.nheads:
         raise ConfigError(file, f"{path}.model.nheads", f"hidden_dim {m.hidden_dim} is not divisible by {m.nheads}")
+    if m.arch != "deformable" and m.sparse.rho is not None:
+        raise ConfigError(file, f"{path}.model.sparse.rho", "needs model.arch: deformable")
+    if m.arch == "deformable" and (m.encoder_attention != "dense" or m.box_reference or m.spatial_prior):
+        raise ConfigError(file, f"{path}.model.arch", "deformable has its own attention and references: set "
+                          "encoder_attention: dense, box_reference: false, spatial_prior: false")
     if not prof.input.train_scales:
         raise ConfigError(file, f"{path}.input.train_scales", "needs at least one scale")
     return prof

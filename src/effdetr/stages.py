@@ -30,7 +30,8 @@ class Stage:
     outs: list[str] = field(default_factory=list)
     out_dirs: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
-    heavy: bool = False  # uses all cores (Snakemake runs heavy stages one at a time)
+    heavy: bool = False  # uses all cores (Snakemake runs heavy stages one at a time) ...
+    threads: int | None = None  # ... unless the experiment's train.threads asks for fewer
     persist: bool = False
 
     @property
@@ -91,11 +92,12 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
         ckpt = f"data/checkpoints/{name}.pt"
         exp_keys = ["profile", f"experiments.{source}"]
         stage_list = exp.get("stages", ["train", "eval"])
+        threads = _merged(raw, profile, exp, "train").get("threads")
         init = exp.get("init_from")
         teacher = (exp.get("distill") or {}).get("teacher")
         if "train" in stage_list:
             metrics = f"reports/metrics/{name}/train.json"
-            pretrained = _merged_backbone(raw, profile, exp).get("pretrained")
+            pretrained = _merged(raw, profile, exp, "model").get("backbone", {}).get("pretrained")
             extra = ["--backbone", backbone_file] if pretrained == "pipeline" and not init else []
             weights = [f"data/checkpoints/{w}.pt" for w in dict.fromkeys(x for x in (init, teacher) if x)]
             extra += ["--init", f"data/checkpoints/{init}.pt"] if init else []
@@ -106,7 +108,7 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 exp_keys + train_keys,
                                 deps=[root, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + DISTILL_SRC + COMMON_SRC
                                 + ([backbone_file] if "--backbone" in extra else []) + weights,
-                                outs=[ckpt], metrics=[metrics], heavy=True))
+                                outs=[ckpt], metrics=[metrics], heavy=True, threads=threads))
             report_deps.append(metrics)
         if "eval" in stage_list:
             metrics = f"reports/metrics/{name}/eval.json"
@@ -117,7 +119,7 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 exp_keys + eval_keys,
                                 deps=[root, weights, f"{SRC}/engine", f"{SRC}/data", f"{SRC}/evaluation"] + MODEL_SRC
                                 + COMMON_SRC,
-                                metrics=[metrics], heavy=True))
+                                metrics=[metrics], heavy=True, threads=threads))
             report_deps.append(metrics)
 
     if raw.get("flops", {}).get("models"):
@@ -147,11 +149,13 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
     return stages
 
 
-def _merged_backbone(raw: dict, profile: str, exp: dict) -> dict:
-    bb = dict(raw["profiles"][profile].get("model", {}).get("backbone", {}))
+def _merged(raw: dict, profile: str, exp: dict, section: str) -> dict:
+    """One section of an experiment's config as the profile + its overrides make it."""
+    from .config import deep_merge
+    out = raw["profiles"][profile].get(section, {})
     for over in (exp.get("overrides", {}), exp.get("profile_overrides", {}).get(profile, {})):
-        bb.update(over.get("model", {}).get("backbone", {}))
-    return bb
+        out = deep_merge(out, over.get(section, {}))
+    return out
 
 
 def load_raw(params_file: str) -> dict:

@@ -13,7 +13,7 @@ for st in STAGES:
             st.log,
         conda:
             "../envs/effdetr.yaml"
-        threads: workflow.cores if st.heavy else 1
+        threads: (st.threads or workflow.cores) if st.heavy else 1
         params:
             # bound here, at definition time: a `shell:` expression would see the loop's last `st`
             cmd=st.shell,

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from ..data.coco import CocoDetection, collate
 from ..evaluation.coco_eval import coco_evaluate, load_coco_gt
 from ..evaluation.flops import DETR_PARTS, count_flops
+from ..evaluation.speed import measure_fps
 from ..models.postprocess import postprocess
 
 
@@ -26,7 +27,8 @@ def predict(model, loader: DataLoader, device: torch.device, amp: bool = False) 
             torch.cuda.synchronize()
         model_time += time.perf_counter() - t0
         orig = torch.stack([t["orig_size"] for t in targets]).to(device)
-        for tgt, res in zip(targets, postprocess(out, orig)):
+        post = getattr(model, "postprocess", postprocess)
+        for tgt, res in zip(targets, post(out, orig)):
             iid = int(tgt["image_id"])
             image_ids.append(iid)
             boxes = res["boxes"].cpu()
@@ -42,13 +44,18 @@ def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, floa
     (attention cost depends on the token count, and for ACT on the image content)."""
     parts = getattr(model, "flops_parts", DETR_PARTS)
     device = next(model.parameters()).device
-    kernels = [attn.kernel for attn in model.transformer.encoder_attention_modules()]
+    transformer = getattr(model, "transformer", None)
+    kernels = [attn.kernel for attn in transformer.encoder_attention_modules()] if transformer else []
     sums: dict[str, float] = {}
     n = min(num_images, len(dataset))
     for i in range(n):
         img, _ = dataset[i]
         mask = torch.zeros(1, *img.shape[-2:], dtype=torch.bool, device=device)
-        stats = {f"gmacs_{k}": v for k, v in count_flops(model, img[None].to(device), mask, parts).items()}
+        outputs: dict = {}
+        stats = {f"gmacs_{k}": v for k, v in count_flops(model, img[None].to(device), mask, parts, outputs).items()}
+        for key in ("tokens", "kept_tokens"):  # multi-scale models: encoder tokens, Sparse DETR's kept ones
+            if key in outputs:
+                stats[f"encoder_{key}"] = float(outputs[key])
         for layer, kernel in enumerate(kernels):
             counts = getattr(kernel, "last_counts", None)
             if counts is not None:  # clustering kernels: prototypes per head, this image
@@ -61,7 +68,8 @@ def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, floa
 
 
 def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num_workers: int,
-                     area_ranges, amp: bool = False, flops_images: int = 0) -> dict:
+                     area_ranges, amp: bool = False, flops_images: int = 0, fps_iters: int = 0,
+                     fps_warmup: int = 0) -> dict:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     dets, ids, sec_per_img = predict(model, loader, device, amp)
     gt = load_coco_gt(str(dataset.ann_file))
@@ -71,6 +79,9 @@ def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num
     stats = coco_evaluate(gt, dets, ids, area_ranges)
     stats["sec_per_image"] = sec_per_img
     stats["num_images"] = len(ids)
+    stats["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     if flops_images:
         stats.update(mean_flops(model, dataset, flops_images))
+    if fps_iters:
+        stats.update(measure_fps(model, dataset, fps_warmup, fps_iters, amp))
     return stats

@@ -3,8 +3,8 @@
 Built on ``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 per multiply-add, so
 we halve it). Like fvcore/Detectron2's counter, only matrix products and convolutions are
 charged; normalisation, softmax and element-wise ops are not. Ops the counter does not
-know are given formulas in :data:`EXTRA_FORMULAS` (CPU fused attention here; later issues
-add MSDeformAttn and grid_sampler). Data-dependent kernels (ACT) report their own exact
+know are given formulas in :data:`EXTRA_FORMULAS` (CPU fused attention; ``grid_sampler_2d`` in fvcore's
+convention, which is how MSDeformAttn is charged). Data-dependent kernels (ACT) report their own exact
 count, which replaces what the counter saw inside them (:func:`apply_exact_counts`). Counts are split by top-level module:
 backbone, encoder, decoder, and the rest ("heads": input projection, box/class heads).
 """
@@ -14,6 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from ..models import build_model
+from ..ops.msda import reference_mode
 
 _REGISTERED = False
 
@@ -34,6 +35,13 @@ def register_extra_formulas() -> None:
     @register_flop_formula(op)
     def _(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
         return _sdpa_cpu_flops(query_shape, key_shape, value_shape)
+
+    @register_flop_formula(torch.ops.aten.grid_sampler_2d)
+    def _(input_shape, grid_shape, *args, out_shape=None, **kwargs):
+        # fvcore's bilinear grid_sampler handle: 4 multiply-adds per output element (the
+        # four corners); MSDA's attention-weighted sum over samples is not charged.
+        b, c = input_shape[:2]
+        return 2 * 4 * b * c * grid_shape[1] * grid_shape[2]
 
     _REGISTERED = True
 
@@ -78,15 +86,19 @@ def apply_exact_counts(table: dict, model: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def count_flops(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor,
-                parts: dict[str, str]) -> dict[str, float]:
+                parts: dict[str, str], outputs: dict | None = None) -> dict[str, float]:
+    """GMACs per part of one forward pass (MSDA on its grid_sample path, as the papers'
+    scripts counted it); ``outputs`` (if given) receives the model's output dict."""
     register_extra_formulas()
     model.eval()
     grads = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # the counter's module tracker trips over leaf params under no_grad
     counter = FlopCounterMode(display=False)
     try:
-        with counter:
-            model(images, masks)
+        with counter, reference_mode():
+            result = model(images, masks)
+        if outputs is not None:
+            outputs.update(result)
     finally:
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
@@ -108,6 +120,6 @@ def count_model(model_cfg, input_sizes: list[list[int]]) -> dict:
     for h, w in input_sizes:
         img = torch.randn(1, 3, h, w)
         mask = torch.zeros(1, h, w, dtype=torch.bool)
-        for k, v in count_flops(model, img, mask, DETR_PARTS).items():
+        for k, v in count_flops(model, img, mask, getattr(model, "flops_parts", DETR_PARTS)).items():
             sums[k] = sums.get(k, 0.0) + v / len(input_sizes)
     return {"gmacs": sums, "params_m": params / 1e6, "params_all_m": all_params / 1e6}

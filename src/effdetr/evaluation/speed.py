@@ -1,4 +1,5 @@
-"""Wall-clock timing of a trained DETR's encoder with different attention kernels.
+"""Wall-clock timing: a trained DETR's encoder with different attention kernels, and the
+whole-model FPS the Deformable/Sparse DETR tables report (:func:`measure_fps`).
 
 Protocol (stated in every report that uses it): batch 1, real val images at the eval size;
 the backbone and input projection run once per image outside the timed region; each kernel
@@ -67,3 +68,26 @@ def time_encoder(model, dataset, settings: dict[str, tuple[str, object]], num_im
                 results[label]["peak_mb"].append(torch.cuda.max_memory_allocated() / 2**20)
     set_encoder_attention(tf, "dense")
     return {label: {k: (sum(v) / len(v) if v else None) for k, v in r.items()} for label, r in results.items()}
+
+
+@torch.no_grad()
+def measure_fps(model, dataset, warmup: int, iters: int, amp: bool = False) -> dict[str, float]:
+    """Deformable DETR's benchmark protocol: the first val image, batch 1, ``warmup`` untimed
+    forward passes, then ``iters`` timed ones (synchronised on CUDA); no post-processing.
+    Returns fps = 1 / median latency and the latency in ms."""
+    device = next(model.parameters()).device
+    model.eval()
+    image, _ = dataset[0]
+    images = image[None].to(device)
+    mask = torch.zeros(1, *image.shape[-2:], dtype=torch.bool, device=device)
+    times = []
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        for i in range(warmup + iters):
+            _sync(device)
+            t0 = time.perf_counter()
+            model(images, mask)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    latency = statistics.median(times)
+    return {"fps": 1.0 / latency, "latency_ms": 1000 * latency, "fps_threads": float(torch.get_num_threads())}

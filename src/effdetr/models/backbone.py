@@ -68,6 +68,22 @@ class Backbone(nn.Module):
         m = F.interpolate(mask[None].float(), size=feats.shape[-2:])[0].bool()
         return feats, m
 
+    @property
+    def level_channels(self) -> list[int]:
+        """Channels of C3, C4, C5 (the multi-scale detectors' inputs)."""
+        return [info["num_chs"] for info in self.body.feature_info[2:]]
+
+    def forward_levels(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """C3, C4, C5 (strides 8, 16, 32; 8, 16, 16 with DC5) with their padding masks."""
+        b = self.body
+        x = b.maxpool(b.act1(b.bn1(b.conv1(images.contiguous(memory_format=torch.channels_last)))))
+        x = b.layer1(x)
+        out = []
+        for layer in (b.layer2, b.layer3, b.layer4):
+            x = layer(x)
+            out.append((x, F.interpolate(mask[None].float(), size=x.shape[-2:])[0].bool()))
+        return out
+
 
 def load_backbone_weights(body: nn.Module, path: str) -> None:
     """Load trunk weights from a checkpoint file; errors name the file and what is wrong."""

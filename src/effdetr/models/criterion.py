@@ -9,6 +9,18 @@ from ..utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from .matcher import HungarianMatcher
 
 
+def matched_box_losses(out: dict, targets: list[dict], indices, num_boxes: float) -> dict[str, Tensor]:
+    """L1 and 1 - GIoU of the matched (prediction, ground truth) boxes, summed / num_boxes."""
+    pred = torch.cat([out["pred_boxes"][i, src] for i, (src, _) in enumerate(indices)]).float()
+    gt = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).float()
+    l1 = F.l1_loss(pred, gt, reduction="none").sum() / num_boxes
+    if len(pred) == 0:
+        giou = pred.sum()
+    else:
+        giou = (1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt)))).sum() / num_boxes
+    return {"loss_bbox": l1, "loss_giou": giou}
+
+
 class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  eos_coef: float = 0.1):
@@ -36,14 +48,7 @@ class SetCriterion(nn.Module):
         return {"loss_ce": loss}
 
     def loss_boxes(self, out: dict, targets: list[dict], indices, num_boxes: float) -> dict:
-        pred = torch.cat([out["pred_boxes"][i, src] for i, (src, _) in enumerate(indices)]).float()
-        gt = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).float()
-        l1 = F.l1_loss(pred, gt, reduction="none").sum() / num_boxes
-        if len(pred) == 0:
-            giou = pred.sum()
-        else:
-            giou = (1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt)))).sum() / num_boxes
-        return {"loss_bbox": l1, "loss_giou": giou}
+        return matched_box_losses(out, targets, indices, num_boxes)
 
     def _single(self, out: dict, targets: list[dict], num_boxes: float, suffix: str = "") -> dict:
         indices = self.matcher(out, targets)
@@ -65,7 +70,10 @@ class SetCriterion(nn.Module):
         return sum(losses[k] * w[k] for k in losses if k in w)
 
 
-def build_criterion(model_cfg, loss_cfg) -> SetCriterion:
+def build_criterion(model_cfg, loss_cfg) -> nn.Module:
+    if model_cfg.arch == "deformable":
+        from .focal_criterion import build_focal_criterion
+        return build_focal_criterion(loss_cfg)
     matcher = HungarianMatcher(loss_cfg.cost_class, loss_cfg.cost_l1, loss_cfg.cost_giou)
     weights = {"loss_ce": loss_cfg.ce, "loss_bbox": loss_cfg.l1, "loss_giou": loss_cfg.giou}
     return SetCriterion(model_cfg.num_classes, matcher, weights, loss_cfg.eos_coef)

@@ -8,6 +8,8 @@ A table row in ``reporting/paper/*.yaml`` lists its claims; each applies to one 
   FLOPs, where the numbers themselves must agree).
 - ``{max_drop: x, vs: row}``: reproduced[vs] - reproduced[row] <= x.
 - ``{higher: row}`` / ``{lower: row}``: reproduced[row] above / below reproduced[that row].
+- ``{max_ratio: r, vs: row}``: reproduced[row] / reproduced[vs] <= r (a cost cut "of the
+  paper's order", e.g. GFLOPs -38 % -> r = 0.62).
 """
 from __future__ import annotations
 
@@ -47,10 +49,10 @@ def judge(spec_row: dict, metric: str, paper, reproduced: dict[str, dict], row_k
                 ok = abs(rel) <= claim["rel_tol"]
                 verdicts.append(f"{'yes' if ok else 'no'} ({rel:+.1%}, tolerance ±{claim['rel_tol']:.0%})")
             continue
-        for kind in ("max_drop", "higher", "lower"):
+        for kind in ("max_drop", "max_ratio", "higher", "lower"):
             if kind not in claim:
                 continue
-            other_key = claim["vs"] if kind == "max_drop" else claim[kind]
+            other_key = claim["vs"] if kind in ("max_drop", "max_ratio") else claim[kind]
             other = reproduced.get(other_key, {}).get(metric)
             if _missing(other):
                 verdicts.append(f"not run ({other_key})")
@@ -58,6 +60,10 @@ def judge(spec_row: dict, metric: str, paper, reproduced: dict[str, dict], row_k
                 drop = other - mine
                 verdicts.append(f"{'yes' if drop <= claim['max_drop'] else 'no'} "
                                 f"(drop {_num(drop)} vs {other_key}, allowed {claim['max_drop']})")
+            elif kind == "max_ratio":
+                ratio = mine / other if other else float("inf")
+                verdicts.append(f"{'yes' if ratio <= claim['max_ratio'] else 'no'} "
+                                f"({ratio - 1:+.1%} vs {other_key}, needed <= {claim['max_ratio'] - 1:+.0%})")
             elif kind == "higher":
                 verdicts.append(f"{'yes' if mine > other else 'no'} ({_num(mine - other, True)} vs {other_key})")
             else:

@@ -47,3 +47,26 @@ def plot_prototypes_per_layer(stats: dict[str, dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def plot_tradeoff(series: dict[str, dict[str, tuple[float, float]]], xlabel: str, ylabel: str, title: str,
+                  out: Path) -> None:
+    """One panel per series (paper, reproduced): a labelled line through (x, y) points."""
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.8), dpi=100, squeeze=False)
+    for ax, (name, points) in zip(axes[0], series.items()):
+        if points:
+            items = sorted(points.items(), key=lambda kv: kv[1][0])
+            xs, ys = [p[0] for _, p in items], [p[1] for _, p in items]
+            ax.plot(xs, ys, marker="o")
+            for label, (x, y) in items:
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        else:
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..config import expand_experiments
 from .claims import judge
 from .paper import load_paper_tables
-from .plots import plot_prototypes_per_layer, plot_training_curves
+from .plots import plot_prototypes_per_layer, plot_tradeoff, plot_training_curves
 
 AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}
 COLUMNS = ["model", "metric", "paper", "reproduced", "delta", "claim holds at this scale"]
@@ -107,6 +107,23 @@ def render_markdown(tid: str, spec: dict, rows: list[list[str]], prov: list[dict
     return out.getvalue()
 
 
+def _tradeoff_figure(spec: dict, reproduced: dict[str, dict], fig_dir: Path) -> Path:
+    """Paper vs reproduced trade-off curve (e.g. AP vs GFLOPs across rho), side by side."""
+    fig = spec["figure"]
+    series = {"paper": {}, "reproduced": {}}
+    for key in fig["rows"]:
+        row = spec["rows"][key]
+        label = row.get("label", key)
+        if row.get(fig["x"]) is not None and row.get(fig["y"]) is not None:
+            series["paper"][label] = (row[fig["x"]], row[fig["y"]])
+        got = reproduced.get(key, {})
+        if got.get(fig["x"]) is not None and got.get(fig["y"]) is not None:
+            series["reproduced"][label] = (got[fig["x"]], got[fig["y"]])
+    out = fig_dir / fig["file"]
+    plot_tradeoff(series, fig["x"], fig["y"], spec["title"], out)
+    return out
+
+
 def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: str, run_id: str | None) -> list[Path]:
     """Write reports/tables/<table>.{md,csv}, figures and the reports/README.md index."""
     tables_dir, fig_dir = out_dir / "tables", out_dir / "figures"
@@ -126,6 +143,9 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
         wanted.setdefault(exp["table"], [])
     if params.flops.models:
         wanted.setdefault(params.flops.table, [])
+        for tid, spec in specs.items():  # other papers' paper-scale FLOPs tables
+            if spec.get("kind") == "flops" and any(k in params.flops.models for k in spec["rows"]):
+                wanted.setdefault(tid, [])
     speed_rows, speed_prov, speed_data = speed_values(metrics_dir)
     if params.speed is not None:
         wanted.setdefault(params.speed.table, [])
@@ -139,10 +159,11 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
             raise ValueError(f"params.yaml: experiments/flops name table '{tid}', which has no paper data "
                              f"(known: {', '.join(sorted(specs))})")
         spec = specs[tid]
-        if tid == params.flops.table:
+        if tid == params.flops.table or spec.get("kind") == "flops":
             reproduced, prov = flops_rows, flops_prov
-            sizes = flops_data["input_sizes"] if flops_data else params.flops.input_sizes
-            note = f"Input sizes (h, w) averaged: {sizes}."
+            sizes = {str(m.get("input_sizes", flops_data["input_sizes"])) for k, m in flops_data["models"].items()
+                     if k in spec["rows"]} if flops_data else {str(params.flops.input_sizes)}
+            note = f"Input sizes (h, w) averaged: {', '.join(sorted(sizes))}."
         elif params.speed is not None and tid == params.speed.table:
             reproduced, prov = speed_rows, speed_prov
             note = (f"Device: `{speed_data['device']}` ({speed_data['environment'].get('cuda')}), "
@@ -165,6 +186,8 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
             w.writerows(rows)
         written += [md, csv_path]
         index.append((tid, spec["title"], spec["paper"]))
+        if spec.get("figure"):
+            written.append(_tradeoff_figure(spec, reproduced, fig_dir))
 
     for name in experiments:
         tr = _read(metrics_dir / name / "train.json")

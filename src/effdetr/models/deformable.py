@@ -1,0 +1,222 @@
+"""Deformable DETR (Zhu et al., 2021), with the two-stage / box-refinement options and the
+Sparse DETR encoder (Roh et al., 2022) as a switch of the same model.
+
+Multi-scale input: C3..C5 of the backbone projected by 1x1 conv + GroupNorm, plus stride-2
+3x3 convs for extra levels; sine position + a learned level embedding. Classification is
+sigmoid/focal (no no-object class), as in the paper.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..utils.box_ops import box_cxcywh_to_xyxy
+from .backbone import Backbone
+from .deformable_transformer import (DeformableDecoder, DeformableDecoderLayer, DeformableEncoder,
+                                     DeformableEncoderLayer, box_sine_embedding, gather_tokens, inverse_sigmoid,
+                                     token_proposals, valid_ratios)
+from .detr import MLP
+from .position import PositionEmbeddingSine
+from .sparse_detr import ScoringNetwork, attention_map, dam_target, select_tokens
+
+_MASKED_LOGIT = -1e4  # logits of slots that are not predictions (padding, unused top-k slots)
+
+
+def _group_norm(dim: int) -> nn.GroupNorm:
+    """32 groups at dim 256 as published; at smaller widths keep 8 channels per group (a
+    one-channel group on a 1x1 extra level has nothing to normalise)."""
+    groups = min(32, max(1, dim // 8))
+    while dim % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, dim)
+
+
+class DeformableDETR(nn.Module):
+    flops_parts = {"backbone": "backbone", "encoder": "encoder", "decoder": "decoder"}
+
+    def __init__(self, backbone: Backbone, *, dim: int, heads: int, levels: int, points: int, enc_layers: int,
+                 dec_layers: int, ffn_dim: int, dropout: float, num_queries: int, num_classes: int,
+                 aux_loss: bool = True, two_stage: bool = False, box_refine: bool = False,
+                 rho: float | None = None, saliency: str = "dam", enc_aux_loss: bool = True):
+        super().__init__()
+        self.backbone, self.dim, self.levels = backbone, dim, levels
+        self.num_queries, self.num_classes, self.aux_loss = num_queries, num_classes, aux_loss
+        self.two_stage, self.rho, self.saliency = two_stage, rho, saliency
+        chans = backbone.level_channels[-min(levels, 3):]
+        projs = [nn.Sequential(nn.Conv2d(c, dim, 1), _group_norm(dim)) for c in chans]
+        in_ch = backbone.level_channels[-1]
+        for _ in range(levels - len(chans)):
+            projs.append(nn.Sequential(nn.Conv2d(in_ch, dim, 3, stride=2, padding=1), _group_norm(dim)))
+            in_ch = dim
+        self.input_proj = nn.ModuleList(projs)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        self.level_embed = nn.Parameter(torch.randn(levels, dim))
+        self.position = PositionEmbeddingSine(dim // 2)
+        self.encoder = DeformableEncoder(DeformableEncoderLayer(dim, heads, levels, points, ffn_dim, dropout),
+                                         enc_layers)
+        self.decoder = DeformableDecoder(DeformableDecoderLayer(dim, heads, levels, points, ffn_dim, dropout),
+                                         dec_layers)
+        for name, p in list(self.encoder.named_parameters()) + list(self.decoder.named_parameters()):
+            if p.dim() > 1 and "sampling_offsets" not in name and "attention_weights" not in name:
+                nn.init.xavier_uniform_(p)  # MSDA's offsets/weights keep their own init
+
+        prior = -math.log((1 - 0.01) / 0.01)  # class bias: every query starts at p = 0.01
+        class_head = nn.Linear(dim, num_classes)
+        nn.init.constant_(class_head.bias, prior)
+        box_head = MLP(dim, dim, 4, 3)
+        nn.init.zeros_(box_head.layers[-1].weight)
+        nn.init.zeros_(box_head.layers[-1].bias)
+        if not (two_stage or box_refine):
+            nn.init.constant_(box_head.layers[-1].bias[2:], -2.0)
+        if box_refine:  # unshared heads; the decoder uses them to move its references
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(dec_layers))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(dec_layers))
+            self.decoder.box_heads = self.bbox_embed
+        else:
+            self.class_embed = nn.ModuleList([class_head] * dec_layers)
+            self.bbox_embed = nn.ModuleList([box_head] * dec_layers)
+
+        if two_stage:  # top-k encoder tokens become the decoder queries (Efficient-DETR style)
+            self.proposal_proj, self.proposal_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
+            self.enc_class = copy.deepcopy(class_head)
+            self.enc_box = copy.deepcopy(box_head)
+            self.query_pos_proj, self.query_pos_norm = nn.Linear(2 * dim, dim), nn.LayerNorm(dim)
+        else:
+            self.query_embed = nn.Embedding(num_queries, 2 * dim)
+            self.reference = nn.Linear(dim, 2)
+            nn.init.xavier_uniform_(self.reference.weight, gain=1)
+            nn.init.zeros_(self.reference.bias)
+
+        if rho is not None:
+            self.scorer = ScoringNetwork(dim)
+            if saliency == "objectness":
+                self.objectness_box = copy.deepcopy(box_head)
+            self.enc_aux_class = self.enc_aux_box = None
+            if enc_aux_loss and enc_layers > 1:
+                self.enc_aux_class = nn.ModuleList(copy.deepcopy(class_head) for _ in range(enc_layers - 1))
+                self.enc_aux_box = nn.ModuleList(copy.deepcopy(box_head) for _ in range(enc_layers - 1))
+
+    # -- inputs -------------------------------------------------------------------------
+    def multiscale_inputs(self, images: Tensor, mask: Tensor):
+        feats = self.backbone.forward_levels(images, mask)[-min(self.levels, 3):]
+        srcs, masks = [], []
+        for lvl, proj in enumerate(self.input_proj):
+            if lvl < len(feats):
+                x, m = feats[lvl]
+                src = proj(x)
+            else:
+                src = proj(feats[-1][0] if lvl == len(feats) else srcs[-1])
+                m = F.interpolate(mask[None].float(), size=src.shape[-2:])[0].bool()
+            srcs.append(src)
+            masks.append(m)
+        shapes = [tuple(s.shape[-2:]) for s in srcs]
+        pos = [self.position(m).to(s.dtype) + self.level_embed[lvl].view(1, -1, 1, 1)
+               for lvl, (s, m) in enumerate(zip(srcs, masks))]
+        flat = lambda xs: torch.cat([x.flatten(2).transpose(1, 2) for x in xs], 1)  # noqa: E731
+        return flat(srcs), flat(pos), torch.cat([m.flatten(1) for m in masks], 1), shapes, valid_ratios(masks)
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, images: Tensor, mask: Tensor) -> dict:
+        """images [B,3,H,W], mask [B,H,W] True on padding. Returns ``pred_logits`` [B,Q,K]
+        (sigmoid logits), ``pred_boxes`` [B,Q,4] (cx,cy,w,h in [0,1]), ``aux_outputs`` (earlier
+        decoder layers), and with the options on: ``enc_outputs`` (two-stage proposals over all
+        tokens), ``enc_aux_outputs`` (Sparse DETR encoder aux heads on the kept tokens, training
+        only), ``saliency`` {logits [B,S], padding [B,S], target [B,S] (DAM, training only)},
+        ``backbone_outputs`` (objectness ablation) and ``kept_tokens``/``tokens`` (means)."""
+        src, pos, padding, shapes, ratios = self.multiscale_inputs(images, mask)
+        out: dict = {"tokens": (~padding).sum(1).float().mean()}
+        anchors, usable = token_proposals(shapes, ratios, padding)
+        finite_anchors = anchors.masked_fill(~usable[..., None], 0.0)
+        keep = keep_valid = None
+        enc_aux: list[dict] = []
+        if self.rho is not None:
+            scores = self.scorer(src + pos, padding)
+            keep, keep_valid = select_tokens(scores, padding, self.rho)
+            out["saliency"] = {"logits": scores, "padding": padding}
+            out["kept_tokens"] = keep_valid.sum(1).float().mean()
+            if self.saliency == "objectness":
+                out["backbone_outputs"] = {
+                    "pred_logits": scores.masked_fill(~usable, _MASKED_LOGIT)[..., None],
+                    "pred_boxes": (self.objectness_box(src) + finite_anchors).sigmoid()}
+
+        def aux_heads(i: int, kept: Tensor) -> None:
+            if not self.training or self.rho is None or self.enc_aux_class is None:
+                return
+            logits = self.enc_aux_class[i](kept).masked_fill(~keep_valid[..., None], _MASKED_LOGIT)
+            boxes = (self.enc_aux_box[i](kept) + gather_tokens(finite_anchors, keep)).sigmoid()
+            enc_aux.append({"pred_logits": logits, "pred_boxes": boxes})
+
+        memory = self.encoder(src, pos, shapes, padding, ratios, keep, keep_valid, aux_heads)
+        tgt, query_pos, reference = self.decoder_queries(memory, anchors, usable, out)
+        hs, refs, samplings = self.decoder(tgt, query_pos, reference, memory, shapes, padding, ratios)
+        preds = []
+        for lvl in range(hs.shape[0]):
+            delta = self.bbox_embed[lvl](hs[lvl])
+            ref = inverse_sigmoid(refs[lvl])
+            delta = delta + ref if ref.shape[-1] == 4 else torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
+            preds.append({"pred_logits": self.class_embed[lvl](hs[lvl]), "pred_boxes": delta.sigmoid()})
+        out.update(preds[-1])
+        if self.aux_loss:
+            out["aux_outputs"] = preds[:-1]
+        if enc_aux:
+            out["enc_aux_outputs"] = enc_aux
+        if self.rho is not None and self.saliency == "dam" and self.training:
+            out["saliency"]["target"] = dam_target(attention_map(samplings, shapes), padding, self.rho)
+        return out
+
+    def decoder_queries(self, memory: Tensor, anchors: Tensor, usable: Tensor, out: dict):
+        """-> (content queries, positional queries, initial references in sigmoid space)."""
+        b = memory.shape[0]
+        if not self.two_stage:
+            query_pos, tgt = self.query_embed.weight.split(self.dim, dim=1)
+            query_pos, tgt = query_pos.expand(b, -1, -1), tgt.expand(b, -1, -1)
+            return tgt, query_pos, self.reference(query_pos).sigmoid()
+        mem = self.proposal_norm(self.proposal_proj(memory.masked_fill(~usable[..., None], 0.0)))
+        logits = self.enc_class(mem).masked_fill(~usable[..., None], _MASKED_LOGIT)
+        coords = self.enc_box(mem) + anchors.masked_fill(~usable[..., None], 0.0)
+        out["enc_outputs"] = {"pred_logits": logits, "pred_boxes": coords.sigmoid()}
+        k = min(self.num_queries, memory.shape[1])
+        top = logits.max(-1).values.topk(k, dim=1).indices
+        reference = gather_tokens(coords, top).detach().sigmoid()
+        query_pos = self.query_pos_norm(self.query_pos_proj(box_sine_embedding(reference, self.dim)))
+        return gather_tokens(mem, top).detach(), query_pos, reference
+
+    @torch.no_grad()
+    def postprocess(self, outputs: dict, orig_sizes: Tensor, num_select: int = 100) -> list[dict]:
+        """Top-``num_select`` (query, class) pairs by sigmoid score -> absolute xyxy boxes."""
+        prob = outputs["pred_logits"].float().sigmoid()
+        b, q, k = prob.shape
+        scores, idx = prob.flatten(1).topk(min(num_select, q * k), dim=1)
+        boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"].float()).gather(1, (idx // k)[..., None].expand(-1, -1, 4))
+        h, w = orig_sizes.float().unbind(1)
+        boxes = boxes * torch.stack([w, h, w, h], dim=1)[:, None, :]
+        return [{"scores": s, "labels": lab, "boxes": bx} for s, lab, bx in zip(scores, idx % k, boxes)]
+
+    def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
+        """Backbone at its own LR; sampling-offset and reference projections at LR x 0.1."""
+        groups = {"backbone": [], "slow": [], "rest": []}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = ("backbone" if name.startswith("backbone.") else
+                   "slow" if "sampling_offsets" in name or name.startswith("reference.") else "rest")
+            groups[key].append(p)
+        return [{"params": groups["rest"], "lr": lr, "weight_decay": weight_decay},
+                {"params": groups["backbone"], "lr": lr_backbone, "weight_decay": weight_decay},
+                {"params": groups["slow"], "lr": lr * 0.1, "weight_decay": weight_decay}]
+
+
+def build_deformable(cfg) -> DeformableDETR:
+    d, s = cfg.deformable, cfg.sparse
+    return DeformableDETR(Backbone(cfg.backbone, train_backbone=True), dim=cfg.hidden_dim, heads=cfg.nheads,
+                          levels=d.num_levels, points=d.num_points, enc_layers=cfg.enc_layers,
+                          dec_layers=cfg.dec_layers, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
+                          num_queries=cfg.num_queries, num_classes=cfg.num_classes, aux_loss=cfg.aux_loss,
+                          two_stage=d.two_stage, box_refine=d.box_refine, rho=s.rho, saliency=s.saliency,
+                          enc_aux_loss=s.enc_aux_loss)
