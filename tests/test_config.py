@@ -58,6 +58,20 @@ def test_repo_params_are_valid():
     (lambda r: r["speed"].update(experiment="detr_dc5"), "speed.experiment", "swept eval-only"),
     (lambda r: r["profiles"]["synth"]["model"].update(spatial_prior=True, box_reference=False),
      "profiles.synth.model.spatial_prior", "needs model.box_reference"),
+    # Deformable / Sparse DETR
+    (lambda r: r["profiles"]["synth"]["model"].update(sparse={"rho": 0.1}), "profiles.synth.model.sparse.rho",
+     "needs model.arch: deformable"),
+    (lambda r: r["experiments"]["sparse_detr"]["sweep"].update(values=[0.1, 0.0]),
+     "experiments.sparse_detr.sweep.values[1] (sparse_detr_rho0p0, model.sparse.rho)(profile synth).model.sparse.rho",
+     "below the minimum"),
+    (lambda r: r["experiments"]["sparse_detr"]["sweep"].update(values=[1.5]), "model.sparse.rho", "above the maximum"),
+    (lambda r: r["experiments"]["deformable_detr_topk"].update(overrides={"model": {"arch": "deformable", "encoder_attention": "act"}}),
+     "experiments.deformable_detr_topk(profile synth).model.arch", "deformable has its own attention"),
+    (lambda r: r["flops"].update(model_input_sizes={"nope": [[64, 64]]}), "flops.model_input_sizes.nope",
+     "not a model under flops.models"),
+    (lambda r: r["flops"].update(model_input_sizes={"detr_r50": [[64]]}), "flops.model_input_sizes.detr_r50[0]",
+     "[height, width]"),
+    (lambda r: r["profiles"]["synth"]["train"].update(threads=0), "profiles.synth.train.threads", "below the minimum"),
 ])
 def test_invalid_params_name_key_and_file(raw, tmp_path, mutate, path, msg):
     bad = copy.deepcopy(raw)

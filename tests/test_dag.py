@@ -66,3 +66,17 @@ def test_lint_clean():
 def test_snakefmt_clean():
     r = subprocess.run([str(BIN / "snakefmt"), "--check", "workflow"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_experiment_threads_reach_its_train_and_eval_stages():
+    """train.threads (e.g. 1 for Deformable DETR on the CPU) sets the Snakemake job size, so
+    single-thread jobs run side by side; experiments without it take all cores."""
+    raw = stages.load_raw(str(REPO / "params.yaml"))
+    by_name = {st.name: st for st in stages.build_stages(raw)}
+    assert by_name["train_sparse_detr_rho0p1"].threads == 1 and by_name["eval_sparse_detr_rho0p1"].threads == 1
+    assert by_name["train_detr_dc5"].threads is None and by_name["train_detr_dc5"].heavy
+    r = snakemake("-n", "--forceall", "--cores", "2", "train_sparse_detr_rho0p1", "train_detr_dc5")
+    assert r.returncode == 0, r.stderr
+    blocks = {b.split(":", 1)[0]: b for b in r.stdout.split("rule ")[1:]}
+    assert "threads: 2" in blocks["train_detr_dc5"]  # Snakemake prints threads only above 1
+    assert "threads:" not in blocks["train_sparse_detr_rho0p1"]
