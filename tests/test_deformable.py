@@ -86,7 +86,8 @@ def test_output_contract_and_loss_signs(variant):
     model.eval()
     res = model.postprocess(model(images, mask), torch.tensor([[64, 80], [50, 60]]))
     assert res[0]["boxes"].shape == (50, 4) and res[0]["labels"].max() < 5
-    assert "enc_aux_outputs" not in model(images, mask)  # training-only heads
+    eval_out = model(images, mask)
+    assert "enc_aux_outputs" not in eval_out and "backbone_outputs" not in eval_out  # training-only heads
 
 
 def test_a_few_steps_reduce_the_loss():

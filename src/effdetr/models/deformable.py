@@ -140,7 +140,7 @@ class DeformableDETR(nn.Module):
             keep, keep_valid = select_tokens(scores, padding, self.rho)
             out["saliency"] = {"logits": scores, "padding": padding}
             out["kept_tokens"] = keep_valid.sum(1).float().mean()
-            if self.saliency == "objectness":
+            if self.saliency == "objectness" and self.training:  # its box head is training-only
                 out["backbone_outputs"] = {
                     "pred_logits": scores.masked_fill(~usable, _MASKED_LOGIT)[..., None],
                     "pred_boxes": (self.objectness_box(src) + finite_anchors).sigmoid()}
