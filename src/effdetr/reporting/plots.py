@@ -50,15 +50,18 @@ def plot_prototypes_per_layer(stats: dict[str, dict], out: Path) -> None:
 
 
 def plot_tradeoff(series: dict[str, dict[str, tuple[float, float]]], xlabel: str, ylabel: str, title: str,
-                  out: Path) -> None:
-    """One panel per series (paper, reproduced): a labelled line through (x, y) points."""
+                  out: Path, baselines: tuple[str, ...] = ()) -> None:
+    """One panel per series (paper, reproduced): a labelled line through the swept points;
+    ``baselines`` (labels) are drawn as separate stars."""
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.8), dpi=100, squeeze=False)
     for ax, (name, points) in zip(axes[0], series.items()):
         if points:
-            items = sorted(points.items(), key=lambda kv: kv[1][0])
-            xs, ys = [p[0] for _, p in items], [p[1] for _, p in items]
-            ax.plot(xs, ys, marker="o")
-            for label, (x, y) in items:
+            swept = sorted(((k, p) for k, p in points.items() if k not in baselines), key=lambda kv: kv[1][0])
+            if swept:
+                ax.plot([p[0] for _, p in swept], [p[1] for _, p in swept], marker="o")
+            for label, (x, y) in points.items():
+                if label in baselines:
+                    ax.plot([x], [y], marker="*", ms=11, ls="none", color="tab:red")
                 ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         else:
             ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)

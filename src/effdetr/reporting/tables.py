@@ -120,7 +120,8 @@ def _tradeoff_figure(spec: dict, reproduced: dict[str, dict], fig_dir: Path) -> 
         if got.get(fig["x"]) is not None and got.get(fig["y"]) is not None:
             series["reproduced"][label] = (got[fig["x"]], got[fig["y"]])
     out = fig_dir / fig["file"]
-    plot_tradeoff(series, fig["x"], fig["y"], spec["title"], out)
+    baselines = tuple(spec["rows"][k].get("label", k) for k in fig.get("baselines", []))
+    plot_tradeoff(series, fig["x"], fig["y"], spec["title"], out, baselines)
     return out
 
 
