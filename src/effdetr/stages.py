@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, expand_experiments, read_yaml
+from .config import ConfigError, deep_merge, expand_experiments, read_yaml
 
 SRC = "src/effdetr"
 COMMON_SRC = [f"{SRC}/config.py", f"{SRC}/cli.py", f"{SRC}/tracking.py", f"{SRC}/utils"]
@@ -151,7 +151,6 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
 
 def _merged(raw: dict, profile: str, exp: dict, section: str) -> dict:
     """One section of an experiment's config as the profile + its overrides make it."""
-    from .config import deep_merge
     out = raw["profiles"][profile].get(section, {})
     for over in (exp.get("overrides", {}), exp.get("profile_overrides", {}).get(profile, {})):
         out = deep_merge(out, over.get(section, {}))

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from ..data.coco import CocoDetection, collate
 from ..evaluation.coco_eval import coco_evaluate, load_coco_gt
-from ..evaluation.flops import DETR_PARTS, count_flops
+from ..evaluation.flops import count_flops
 from ..evaluation.speed import measure_fps
 from ..models.postprocess import postprocess
 
@@ -17,6 +17,7 @@ from ..models.postprocess import postprocess
 def predict(model, loader: DataLoader, device: torch.device, amp: bool = False) -> tuple[list[dict], list[int], float]:
     """COCO-format detections, evaluated image ids, and seconds per image (model only)."""
     model.eval()
+    post = getattr(model, "postprocess", postprocess)  # multi-scale models bring their own
     detections, image_ids, model_time = [], [], 0.0
     for images, masks, targets in loader:
         images, masks = images.to(device), masks.to(device)
@@ -27,7 +28,6 @@ def predict(model, loader: DataLoader, device: torch.device, amp: bool = False) 
             torch.cuda.synchronize()
         model_time += time.perf_counter() - t0
         orig = torch.stack([t["orig_size"] for t in targets]).to(device)
-        post = getattr(model, "postprocess", postprocess)
         for tgt, res in zip(targets, post(out, orig)):
             iid = int(tgt["image_id"])
             image_ids.append(iid)
@@ -42,7 +42,7 @@ def predict(model, loader: DataLoader, device: torch.device, amp: bool = False) 
 def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, float]:
     """GMACs per part averaged over the first images, one at a time at their own size
     (attention cost depends on the token count, and for ACT on the image content)."""
-    parts = getattr(model, "flops_parts", DETR_PARTS)
+    parts = model.flops_parts
     device = next(model.parameters()).device
     transformer = getattr(model, "transformer", None)
     kernels = [attn.kernel for attn in transformer.encoder_attention_modules()] if transformer else []

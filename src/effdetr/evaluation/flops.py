@@ -107,9 +107,6 @@ def count_flops(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tenso
     return split_counts(table, type(model).__name__, parts)
 
 
-DETR_PARTS = {"backbone": "backbone", "encoder": "transformer.encoder", "decoder": "transformer.decoder"}
-
-
 def count_model(model_cfg, input_sizes: list[list[int]]) -> dict:
     """Mean GMACs over the given (h, w) inputs (batch 1) and trainable params of a config."""
     torch.manual_seed(0)
@@ -120,6 +117,6 @@ def count_model(model_cfg, input_sizes: list[list[int]]) -> dict:
     for h, w in input_sizes:
         img = torch.randn(1, 3, h, w)
         mask = torch.zeros(1, h, w, dtype=torch.bool)
-        for k, v in count_flops(model, img, mask, getattr(model, "flops_parts", DETR_PARTS)).items():
+        for k, v in count_flops(model, img, mask, model.flops_parts).items():
             sums[k] = sums.get(k, 0.0) + v / len(input_sizes)
     return {"gmacs": sums, "params_m": params / 1e6, "params_all_m": all_params / 1e6}

@@ -131,8 +131,10 @@ class DeformableDETR(nn.Module):
         ``backbone_outputs`` (objectness ablation) and ``kept_tokens``/``tokens`` (means)."""
         src, pos, padding, shapes, ratios = self.multiscale_inputs(images, mask)
         out: dict = {"tokens": (~padding).sum(1).float().mean()}
-        anchors, usable = token_proposals(shapes, ratios, padding)
-        finite_anchors = anchors.masked_fill(~usable[..., None], 0.0)
+        finite_anchors = usable = None
+        if self.two_stage or self.rho is not None:  # token anchors: two-stage and Sparse DETR heads
+            anchors, usable = token_proposals(shapes, ratios, padding)
+            finite_anchors = anchors.masked_fill(~usable[..., None], 0.0)
         keep = keep_valid = None
         enc_aux: list[dict] = []
         if self.rho is not None:
@@ -153,7 +155,7 @@ class DeformableDETR(nn.Module):
             enc_aux.append({"pred_logits": logits, "pred_boxes": boxes})
 
         memory = self.encoder(src, pos, shapes, padding, ratios, keep, keep_valid, aux_heads)
-        tgt, query_pos, reference = self.decoder_queries(memory, anchors, usable, out)
+        tgt, query_pos, reference = self.decoder_queries(memory, out, finite_anchors, usable)
         hs, refs, samplings = self.decoder(tgt, query_pos, reference, memory, shapes, padding, ratios)
         preds = []
         for lvl in range(hs.shape[0]):
@@ -170,8 +172,9 @@ class DeformableDETR(nn.Module):
             out["saliency"]["target"] = dam_target(attention_map(samplings, shapes), padding, self.rho)
         return out
 
-    def decoder_queries(self, memory: Tensor, anchors: Tensor, usable: Tensor, out: dict):
-        """-> (content queries, positional queries, initial references in sigmoid space)."""
+    def decoder_queries(self, memory: Tensor, out: dict, anchors: Tensor | None = None, usable: Tensor | None = None):
+        """-> (content queries, positional queries, initial references in sigmoid space);
+        two-stage takes the token anchors (0 where unusable) and their usable mask."""
         b = memory.shape[0]
         if not self.two_stage:
             query_pos, tgt = self.query_embed.weight.split(self.dim, dim=1)
@@ -179,7 +182,7 @@ class DeformableDETR(nn.Module):
             return tgt, query_pos, self.reference(query_pos).sigmoid()
         mem = self.proposal_norm(self.proposal_proj(memory.masked_fill(~usable[..., None], 0.0)))
         logits = self.enc_class(mem).masked_fill(~usable[..., None], _MASKED_LOGIT)
-        coords = self.enc_box(mem) + anchors.masked_fill(~usable[..., None], 0.0)
+        coords = self.enc_box(mem) + anchors
         out["enc_outputs"] = {"pred_logits": logits, "pred_boxes": coords.sigmoid()}
         k = min(self.num_queries, memory.shape[1])
         top = logits.max(-1).values.topk(k, dim=1).indices

@@ -25,6 +25,8 @@ class MLP(nn.Module):
 
 
 class DETR(nn.Module):
+    flops_parts = {"backbone": "backbone", "encoder": "transformer.encoder", "decoder": "transformer.decoder"}
+
     def __init__(self, backbone: Backbone, transformer: Transformer, num_classes: int,
                  num_queries: int, aux_loss: bool = True, box_reference: bool = False,
                  spatial_prior: bool = False):

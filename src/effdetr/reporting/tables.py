@@ -160,7 +160,7 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
             raise ValueError(f"params.yaml: experiments/flops name table '{tid}', which has no paper data "
                              f"(known: {', '.join(sorted(specs))})")
         spec = specs[tid]
-        if tid == params.flops.table or spec.get("kind") == "flops":
+        if spec.get("kind") == "flops":
             reproduced, prov = flops_rows, flops_prov
             sizes = {str(m.get("input_sizes", flops_data["input_sizes"])) for k, m in flops_data["models"].items()
                      if k in spec["rows"]} if flops_data else {str(params.flops.input_sizes)}
