@@ -35,11 +35,10 @@ def reference_mode():
         _FORCE_REFERENCE = prev
 
 
-def msda_reference(value: Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: Tensor,
-                   attention_weights: Tensor) -> Tensor:
-    """value [B,S,M,D], locations [B,Q,M,L,K,2], weights [B,Q,M,L,K] -> [B,Q,M*D]."""
+def sample_points(value: Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: Tensor) -> Tensor:
+    """Bilinear samples of each head's value map: value [B,S,M,D], locations [B,Q,M,L,K,2]
+    -> [B*M, D, Q, L*K] (the sampling half of MSDA; key-aware attention reuses it)."""
     b, _, m, d = value.shape
-    _, q, _, nl, k, _ = sampling_locations.shape
     per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
     grids = 2 * sampling_locations - 1
     samples = []
@@ -47,8 +46,16 @@ def msda_reference(value: Tensor, spatial_shapes: list[tuple[int, int]], samplin
         v = per_level[lvl].flatten(2).transpose(1, 2).reshape(b * m, d, h, w)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # [B*M, Q, K, 2]
         samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = attention_weights.transpose(1, 2).reshape(b * m, 1, q, nl * k)
-    out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)  # [B*M, D, Q]
+    return torch.stack(samples, dim=-2).flatten(-2)
+
+
+def msda_reference(value: Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: Tensor,
+                   attention_weights: Tensor) -> Tensor:
+    """value [B,S,M,D], locations [B,Q,M,L,K,2], weights [B,Q,M,L,K] -> [B,Q,M*D]."""
+    b, _, m, d = value.shape
+    q = sampling_locations.shape[1]
+    weights = attention_weights.transpose(1, 2).reshape(b * m, 1, q, -1)
+    out = (sample_points(value, spatial_shapes, sampling_locations) * weights).sum(-1)  # [B*M, D, Q]
     return out.view(b, m * d, q).transpose(1, 2).contiguous()
 
 
@@ -119,15 +126,21 @@ class MSDeformAttn(nn.Module):
         """-> sampling locations [B,Q,M,L,K,2] and attention weights [B,Q,M,L,K]."""
         b, q, _ = query.shape
         m, nl, k = self.heads, self.levels, self.points
-        offsets = self.sampling_offsets(query).view(b, q, m, nl, k, 2)
         weights = self.attention_weights(query).view(b, q, m, nl * k).softmax(-1).view(b, q, m, nl, k)
+        return self.locations(query, reference_points, spatial_shapes), weights
+
+    def locations(self, query: Tensor, reference_points: Tensor, spatial_shapes) -> Tensor:
+        """Sampling locations [B,Q,M,L,K,2]: reference + predicted offsets."""
+        b, q, _ = query.shape
+        k = self.points
+        offsets = self.sampling_offsets(query).view(b, q, self.heads, self.levels, k, 2)
         if reference_points.shape[-1] == 2:
             wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device)
             loc = reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
         else:
             ref = reference_points[:, :, None, :, None, :]
             loc = ref[..., :2] + offsets / k * ref[..., 2:] * 0.5
-        return loc, weights
+        return loc
 
     def forward(self, query: Tensor, reference_points: Tensor, value_in: Tensor,
                 spatial_shapes: list[tuple[int, int]], value_padding: Tensor | None = None,

@@ -1,0 +1,58 @@
+"""Key-aware deformable attention (Lite DETR, Li et al. 2023).
+
+Deformable attention predicts its weights from the query alone. KDA samples keys and values
+at the same L x K locations and weights the value samples by softmax(q . k / sqrt(d)) over
+those samples, so the weights see what was sampled. Keys are the sampled values unless
+``proj_key`` (a separate key projection, the paper's formula; the released code shares them).
+Sampling reuses MSDA's ``grid_sample`` path (:func:`~effdetr.ops.msda.sample_points`);
+samples outside the map or on padding are zero vectors and still take part in the softmax,
+as in the released code.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from .msda import MSDeformAttn, sample_points
+
+
+class KeyAwareDeformAttn(MSDeformAttn):
+    def __init__(self, dim: int = 256, heads: int = 8, levels: int = 4, points: int = 4, proj_key: bool = False):
+        super().__init__(dim, heads, levels, points)
+        del self.attention_weights  # the weights come from the sampled keys instead
+        self.query_proj = nn.Linear(dim, dim)
+        self.key_proj = nn.Linear(dim, dim) if proj_key else None
+        for lin in (self.query_proj, self.key_proj):
+            if lin is not None:
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    def reset_parameters(self) -> None:
+        if hasattr(self, "attention_weights"):  # called by MSDeformAttn.__init__ before the del
+            super().reset_parameters()
+
+    def forward(self, query: Tensor, reference_points: Tensor, value_in: Tensor,
+                spatial_shapes: list[tuple[int, int]], value_padding: Tensor | None = None,
+                return_sampling: bool = False):
+        """Same contract as :class:`MSDeformAttn`; the returned weights are the key-aware ones."""
+        b, s, _ = value_in.shape
+        q, m, d = query.shape[1], self.heads, self.dim // self.heads
+
+        def project(lin: nn.Linear) -> Tensor:
+            x = lin(value_in)
+            if value_padding is not None:
+                x = x.masked_fill(value_padding[..., None], 0.0)
+            return x.view(b, s, m, d).float()
+
+        loc = self.locations(query, reference_points, spatial_shapes)
+        values = sample_points(project(self.value_proj), spatial_shapes, loc.float())  # [B*M, D, Q, L*K]
+        keys = values if self.key_proj is None else sample_points(project(self.key_proj), spatial_shapes, loc.float())
+        qh = self.query_proj(query).view(b, q, m, d).transpose(1, 2).reshape(b * m, q, d).float()
+        scores = (qh.unsqueeze(-1) * keys.transpose(1, 2)).sum(2) / math.sqrt(d)  # [B*M, Q, L*K]
+        weights = scores.softmax(-1)
+        out = (values * weights.unsqueeze(1)).sum(-1)  # [B*M, D, Q]
+        out = self.output_proj(out.view(b, m * d, q).transpose(1, 2).to(query.dtype))
+        if return_sampling:
+            return out, (loc, weights.view(b, m, q, self.levels, self.points).transpose(1, 2))
+        return out

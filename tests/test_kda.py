@@ -1,0 +1,85 @@
+"""Key-aware deformable attention against a per-query, per-head loop."""
+import math
+
+import torch
+
+from effdetr.ops.kda import KeyAwareDeformAttn
+from effdetr.ops.msda import msda_reference
+
+SHAPES = [(5, 7), (3, 4), (1, 1)]
+
+
+def bilinear(vmap, x, y):
+    """vmap [H,W,D] at continuous pixel coords (x, y), zeros outside."""
+    h, w, d = vmap.shape
+    out = torch.zeros(d, dtype=torch.float64)
+    x0, y0 = math.floor(x), math.floor(y)
+    for xi in (x0, x0 + 1):
+        for yi in (y0, y0 + 1):
+            if 0 <= xi < w and 0 <= yi < h:
+                out += (1 - abs(x - xi)) * (1 - abs(y - yi)) * vmap[yi, xi].double()
+    return out
+
+
+def kda_loop(attn: KeyAwareDeformAttn, query, ref, values_in):
+    b, q, _ = query.shape
+    m, d = attn.heads, attn.dim // attn.heads
+    loc = attn.locations(query, ref, SHAPES)
+    v = attn.value_proj(values_in).view(b, -1, m, d)
+    k = v if attn.key_proj is None else attn.key_proj(values_in).view(b, -1, m, d)
+    qp = attn.query_proj(query).view(b, q, m, d)
+    starts = [0, 35, 47]
+    out = torch.zeros(b, q, m, d, dtype=torch.float64)
+    for bi in range(b):
+        for qi in range(q):
+            for mi in range(m):
+                ks, vs = [], []
+                for li, (h, w) in enumerate(SHAPES):
+                    vmap = v[bi, starts[li]:starts[li] + h * w, mi].view(h, w, d)
+                    kmap = k[bi, starts[li]:starts[li] + h * w, mi].view(h, w, d)
+                    for pi in range(attn.points):
+                        x = float(loc[bi, qi, mi, li, pi, 0]) * w - 0.5
+                        y = float(loc[bi, qi, mi, li, pi, 1]) * h - 0.5
+                        vs.append(bilinear(vmap, x, y))
+                        ks.append(bilinear(kmap, x, y))
+                scores = torch.stack(ks) @ qp[bi, qi, mi].double() / math.sqrt(d)
+                out[bi, qi, mi] = scores.softmax(0) @ torch.stack(vs)
+    return attn.output_proj(out.view(b, q, m * d).float())
+
+
+def setup(proj_key, seed=0):
+    torch.manual_seed(seed)
+    attn = KeyAwareDeformAttn(dim=12, heads=3, levels=3, points=2, proj_key=proj_key)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(0, 0.3)
+    query, values = torch.randn(2, 4, 12), torch.randn(2, 48, 12)
+    return attn, query, torch.rand(2, 4, 3, 2), values
+
+
+def test_kda_matches_a_per_query_loop_with_and_without_key_projection():
+    for proj_key in (False, True):
+        attn, query, ref, values = setup(proj_key)
+        with torch.no_grad():
+            torch.testing.assert_close(attn(query, ref, values, SHAPES), kda_loop(attn, query, ref, values),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_constant_scores_reduce_kda_to_uniform_deformable_attention():
+    attn, query, ref, values = setup(False, seed=1)
+    with torch.no_grad():
+        attn.query_proj.weight.zero_()
+        attn.query_proj.bias.zero_()
+        got, (loc, weights) = attn(query, ref, values, SHAPES, return_sampling=True)
+        v = attn.value_proj(values).view(2, 48, 3, 4)
+        uniform = torch.full((2, 4, 3, 3, 2), 1 / 6)
+        expected = attn.output_proj(msda_reference(v, SHAPES, loc, uniform))
+    torch.testing.assert_close(weights, uniform)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kda_has_no_query_only_weight_layer_and_trains():
+    attn, query, ref, values = setup(True, seed=2)
+    assert not hasattr(attn, "attention_weights")
+    attn(query, ref, values, SHAPES).pow(2).sum().backward()
+    for name in ("query_proj", "key_proj", "value_proj", "sampling_offsets"):
+        assert getattr(attn, name).weight.grad.abs().sum() > 0, name
