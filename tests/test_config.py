@@ -72,6 +72,18 @@ def test_repo_params_are_valid():
     (lambda r: r["flops"].update(model_input_sizes={"detr_r50": [[64]]}), "flops.model_input_sizes.detr_r50[0]",
      "[height, width]"),
     (lambda r: r["profiles"]["synth"]["train"].update(threads=0), "profiles.synth.train.threads", "below the minimum"),
+    # Lite DETR: bad H / B / A fail at load, before compute
+    (lambda r: r["experiments"]["deformable_detr_topk"].update(
+        overrides={"model": {"arch": "deformable", "lite": {"high_levels": 4}}}),
+     "experiments.deformable_detr_topk(profile synth).model.lite.high_levels", "need H < model.deformable.num_levels"),
+    (lambda r: r["experiments"]["deformable_detr_topk"].update(
+        overrides={"model": {"arch": "deformable", "lite": {"high_levels": 1, "blocks": 0}}}),
+     "experiments.deformable_detr_topk(profile synth).model.lite.blocks", "below the minimum 1"),
+    (lambda r: r["experiments"]["deformable_detr_topk"].update(
+        overrides={"model": {"arch": "deformable", "lite": {"high_levels": 1, "high_updates": 0}}}),
+     "experiments.deformable_detr_topk(profile synth).model.lite.high_updates", "below the minimum 1"),
+    (lambda r: r["profiles"]["synth"]["model"].update(lite={"key_aware": True}), "profiles.synth.model.lite",
+     "needs model.arch: deformable"),
 ])
 def test_invalid_params_name_key_and_file(raw, tmp_path, mutate, path, msg):
     bad = copy.deepcopy(raw)

@@ -23,6 +23,8 @@ VARIANTS = {
     "sparse_objectness": {"deformable": {"two_stage": True, "box_refine": True},
                           "sparse": {"rho": 0.3, "saliency": "objectness"}},
     "sparse_no_aux_no_topk": {"sparse": {"rho": 0.3, "enc_aux_loss": False}},
+    "lite_h2_kda": {"deformable": {"two_stage": True, "box_refine": True},
+                    "lite": {"high_levels": 2, "blocks": 2, "high_updates": 1, "key_aware": True}},
 }
 
 

@@ -130,6 +130,16 @@ class SparseConfig:
 
 
 @dataclass
+class LiteConfig:
+    """Lite DETR's efficient encoder (arch: deformable)."""
+    high_levels: Optional[int] = _f(None, lo=1, doc="H: the coarsest H scales are high-level tokens (null = the "
+                                    "standard encoder, every token every layer)")
+    blocks: int = _f(3, lo=1, doc="B: interleaved blocks")
+    high_updates: int = _f(2, lo=1, doc="A: high-level updates per block (then one low-level update)")
+    key_aware: bool = _f(False, doc="KDA: attention weights from the sampled keys (encoder and decoder)")
+
+
+@dataclass
 class ModelConfig:
     arch: Literal["detr", "deformable"] = "detr"
     backbone: BackboneConfig = _f(factory=BackboneConfig)
@@ -153,6 +163,7 @@ class ModelConfig:
     act: ClusterAttentionConfig = _f(factory=ClusterAttentionConfig)
     deformable: DeformableConfig = _f(factory=DeformableConfig)
     sparse: SparseConfig = _f(factory=SparseConfig)
+    lite: LiteConfig = _f(factory=LiteConfig)
 
 
 @dataclass
@@ -557,6 +568,15 @@ def _profile_from_dict(d: dict, file, path) -> ProfileConfig:
                           "centred on each query's reference point)")
     if m.hidden_dim % m.nheads:
         raise ConfigError(file, f"{path}.model.nheads", f"hidden_dim {m.hidden_dim} is not divisible by {m.nheads}")
+    if m.lite.high_levels is not None or m.lite.key_aware:
+        if m.arch != "deformable":
+            raise ConfigError(file, f"{path}.model.lite", "needs model.arch: deformable")
+        if m.lite.high_levels is not None and m.lite.high_levels >= m.deformable.num_levels:
+            raise ConfigError(file, f"{path}.model.lite.high_levels", f"H = {m.lite.high_levels} leaves no low-level "
+                              f"scale of the {m.deformable.num_levels} levels (need H < model.deformable.num_levels)")
+        if m.lite.high_levels is not None and m.sparse.rho is not None:
+            raise ConfigError(file, f"{path}.model.lite.high_levels", "the interleaved encoder and Sparse DETR's "
+                              "sparse encoder are alternatives; unset one (model.sparse.rho)")
     if m.arch != "deformable" and m.sparse.rho is not None:
         raise ConfigError(file, f"{path}.model.sparse.rho", "needs model.arch: deformable")
     if m.arch == "deformable" and (m.encoder_attention != "dense" or m.box_reference or m.spatial_prior):

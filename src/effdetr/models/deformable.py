@@ -20,6 +20,7 @@ from .deformable_transformer import (DeformableDecoder, DeformableDecoderLayer, 
                                      DeformableEncoderLayer, box_sine_embedding, gather_tokens, inverse_sigmoid,
                                      token_proposals, valid_ratios)
 from .detr import MLP
+from .lite_detr import InterleavedEncoder
 from .position import PositionEmbeddingSine
 from .sparse_detr import ScoringNetwork, attention_map, dam_target, select_tokens
 
@@ -41,7 +42,9 @@ class DeformableDETR(nn.Module):
     def __init__(self, backbone: Backbone, *, dim: int, heads: int, levels: int, points: int, enc_layers: int,
                  dec_layers: int, ffn_dim: int, dropout: float, num_queries: int, num_classes: int,
                  aux_loss: bool = True, two_stage: bool = False, box_refine: bool = False,
-                 rho: float | None = None, saliency: str = "dam", enc_aux_loss: bool = True):
+                 rho: float | None = None, saliency: str = "dam", enc_aux_loss: bool = True,
+                 lite_high_levels: int | None = None, lite_blocks: int = 3, lite_high_updates: int = 2,
+                 key_aware: bool = False):
         super().__init__()
         self.backbone, self.dim, self.levels = backbone, dim, levels
         self.num_queries, self.num_classes, self.aux_loss = num_queries, num_classes, aux_loss
@@ -58,10 +61,13 @@ class DeformableDETR(nn.Module):
             nn.init.zeros_(proj[0].bias)
         self.level_embed = nn.Parameter(torch.randn(levels, dim))
         self.position = PositionEmbeddingSine(dim // 2)
-        self.encoder = DeformableEncoder(DeformableEncoderLayer(dim, heads, levels, points, ffn_dim, dropout),
-                                         enc_layers)
-        self.decoder = DeformableDecoder(DeformableDecoderLayer(dim, heads, levels, points, ffn_dim, dropout),
-                                         dec_layers)
+        enc_layer = DeformableEncoderLayer(dim, heads, levels, points, ffn_dim, dropout, key_aware)
+        if lite_high_levels is not None:  # Lite DETR: interleaved high/low-level updates
+            self.encoder = InterleavedEncoder(enc_layer, levels, lite_high_levels, lite_blocks, lite_high_updates)
+        else:
+            self.encoder = DeformableEncoder(enc_layer, enc_layers)
+        self.decoder = DeformableDecoder(DeformableDecoderLayer(dim, heads, levels, points, ffn_dim, dropout,
+                                                                key_aware), dec_layers)
         for name, p in list(self.encoder.named_parameters()) + list(self.decoder.named_parameters()):
             if p.dim() > 1 and "sampling_offsets" not in name and "attention_weights" not in name:
                 nn.init.xavier_uniform_(p)  # MSDA's offsets/weights keep their own init
@@ -154,7 +160,8 @@ class DeformableDETR(nn.Module):
             boxes = (self.enc_aux_box[i](kept) + gather_tokens(finite_anchors, keep)).sigmoid()
             enc_aux.append({"pred_logits": logits, "pred_boxes": boxes})
 
-        memory = self.encoder(src, pos, shapes, padding, ratios, keep, keep_valid, aux_heads)
+        memory = self.encoder(src, pos, shapes, padding, ratios, keep=keep, keep_valid=keep_valid,
+                              after_layer=aux_heads)
         tgt, query_pos, reference = self.decoder_queries(memory, out, finite_anchors, usable)
         hs, refs, samplings = self.decoder(tgt, query_pos, reference, memory, shapes, padding, ratios)
         preds = []
@@ -222,4 +229,6 @@ def build_deformable(cfg) -> DeformableDETR:
                           dec_layers=cfg.dec_layers, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
                           num_queries=cfg.num_queries, num_classes=cfg.num_classes, aux_loss=cfg.aux_loss,
                           two_stage=d.two_stage, box_refine=d.box_refine, rho=s.rho, saliency=s.saliency,
-                          enc_aux_loss=s.enc_aux_loss)
+                          enc_aux_loss=s.enc_aux_loss, lite_high_levels=cfg.lite.high_levels,
+                          lite_blocks=cfg.lite.blocks, lite_high_updates=cfg.lite.high_updates,
+                          key_aware=cfg.lite.key_aware)

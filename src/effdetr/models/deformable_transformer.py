@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.attention import MultiHeadAttention
+from ..ops.kda import KeyAwareDeformAttn
 from ..ops.msda import MSDeformAttn
 from .transformer import FeedForward
 
@@ -75,10 +76,15 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(shape))
 
 
+def deformable_attention(dim, heads, levels, points, key_aware: bool = False) -> MSDeformAttn:
+    """MSDA, or Lite DETR's key-aware variant (weights from the sampled keys)."""
+    return (KeyAwareDeformAttn if key_aware else MSDeformAttn)(dim, heads, levels, points)
+
+
 class DeformableEncoderLayer(nn.Module):
-    def __init__(self, dim, heads, levels, points, ffn_dim, dropout):
+    def __init__(self, dim, heads, levels, points, ffn_dim, dropout, key_aware: bool = False):
         super().__init__()
-        self.self_attn = MSDeformAttn(dim, heads, levels, points)
+        self.self_attn = deformable_attention(dim, heads, levels, points, key_aware)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
@@ -120,10 +126,10 @@ class DeformableEncoder(nn.Module):
 
 
 class DeformableDecoderLayer(nn.Module):
-    def __init__(self, dim, heads, levels, points, ffn_dim, dropout):
+    def __init__(self, dim, heads, levels, points, ffn_dim, dropout, key_aware: bool = False):
         super().__init__()
         self.self_attn = MultiHeadAttention(dim, heads)
-        self.cross_attn = MSDeformAttn(dim, heads, levels, points)
+        self.cross_attn = deformable_attention(dim, heads, levels, points, key_aware)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
