@@ -84,6 +84,20 @@ def test_repo_params_are_valid():
      "experiments.deformable_detr_topk(profile synth).model.lite.high_updates", "below the minimum 1"),
     (lambda r: r["profiles"]["synth"]["model"].update(lite={"key_aware": True}), "profiles.synth.model.lite",
      "needs model.arch: deformable"),
+    (lambda r: r["experiments"]["deformable_detr_topk"].update(
+        overrides={"model": {"arch": "deformable", "lite": {"blocks": 2}}}),
+     "experiments.deformable_detr_topk(profile synth).model.lite.blocks", "set model.lite.high_levels"),
+    (lambda r: r["experiments"]["deformable_detr_topk"].update(
+        overrides={"model": {"arch": "deformable", "lite": {"high_levels": 1, "low_update": "after"}}}),
+     "experiments.deformable_detr_topk(profile synth).model.lite.low_update", "joint"),
+    (lambda r: r["experiments"]["deformable_detr_topk"].update(overrides={"model": {
+        "arch": "deformable", "enc_layers": 3, "lite": {"high_levels": 3, "blocks": 3, "high_updates": 2}}}),
+     "experiments.deformable_detr_topk(profile synth).model.enc_layers", "set enc_layers: 6"),
+    (lambda r: r["profiles"]["synth"]["model"].update(deformable={"skip_finest": 1}),
+     "profiles.synth.model.deformable.skip_finest", "needs model.arch: deformable"),
+    (lambda r: r["experiments"]["deformable_detr_topk"].update(
+        overrides={"model": {"arch": "deformable", "deformable": {"skip_finest": 3}}}),
+     "experiments.deformable_detr_topk(profile synth).model.deformable.skip_finest", "above the maximum 2"),
 ])
 def test_invalid_params_name_key_and_file(raw, tmp_path, mutate, path, msg):
     bad = copy.deepcopy(raw)

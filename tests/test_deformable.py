@@ -25,6 +25,9 @@ VARIANTS = {
     "sparse_no_aux_no_topk": {"sparse": {"rho": 0.3, "enc_aux_loss": False}},
     "lite_h2_kda": {"deformable": {"two_stage": True, "box_refine": True},
                     "lite": {"high_levels": 2, "blocks": 2, "high_updates": 1, "key_aware": True}},
+    "lite_h3_separate_low_ffn": {"lite": {"high_levels": 3, "blocks": 1, "high_updates": 2,
+                                          "low_update": "separate", "low_ffn_dim": 16}},
+    "three_scale": {"deformable": {"two_stage": True, "box_refine": True, "num_levels": 3, "skip_finest": 1}},
 }
 
 

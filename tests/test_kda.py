@@ -83,3 +83,24 @@ def test_kda_has_no_query_only_weight_layer_and_trains():
     attn(query, ref, values, SHAPES).pow(2).sum().backward()
     for name in ("query_proj", "key_proj", "value_proj", "sampling_offsets"):
         assert getattr(attn, name).weight.grad.abs().sum() > 0, name
+
+
+def test_kda_flops_count_the_key_and_value_products():
+    """Counted MACs of KDA minus MSDA's (same sizes): + query projection (Q*C*C) + q.k and
+    weights.v (2 * Q*M*L*K*D) - the attention-weight linear (Q*C*M*L*K)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from effdetr.evaluation.flops import register_extra_formulas
+    from effdetr.ops.msda import MSDeformAttn, reference_mode
+    register_extra_formulas()
+    c, m, l, k, q = 16, 2, 3, 2, 5
+    s = sum(h * w for h, w in SHAPES)
+    query, ref, vals = torch.randn(1, q, c), torch.rand(1, q, l, 2), torch.randn(1, s, c)
+    counts = {}
+    for name, mod in (("msda", MSDeformAttn(c, m, l, k)), ("kda", KeyAwareDeformAttn(c, m, l, k))):
+        counter = FlopCounterMode(display=False)
+        with counter, reference_mode(), torch.no_grad():
+            mod(query, ref, vals, SHAPES)
+        counts[name] = counter.get_total_flops() / 2
+    d = c // m
+    assert counts["kda"] - counts["msda"] == q * c * c + 2 * q * m * l * k * d - q * c * m * l * k

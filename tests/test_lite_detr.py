@@ -11,9 +11,10 @@ from tests.test_deformable import model_cfg
 SHAPES = [(6, 8), (3, 4), (2, 2), (1, 1)]  # fine to coarse
 
 
-def encoder(h, b, a, key_aware=False, seed=0):
+def encoder(h, b, a, key_aware=False, seed=0, low_update="joint", low_ffn_dim=None):
     torch.manual_seed(seed)
-    return InterleavedEncoder(DeformableEncoderLayer(16, 2, 4, 2, 32, 0.0, key_aware), 4, h, b, a)
+    layer = DeformableEncoderLayer(16, 2, 4, 2, 32, 0.0, key_aware)
+    return InterleavedEncoder(layer, 4, h, b, a, low_update, low_ffn_dim)
 
 
 def inputs():
@@ -25,32 +26,51 @@ def inputs():
     return src, pos, padding, ratios
 
 
-def reference(enc, src, pos, padding, ratios, high_levels, blocks, high_updates):
-    """Token by group: per block, A layers update the coarsest H levels, then one the rest."""
+def reference(enc, src, pos, padding, ratios, high_levels, blocks, high_updates, low_update):
+    """Written from the description: per block, the high-level (coarsest H levels) tokens are
+    queries A times and the low-level ones once -- jointly with the A-th high-level update
+    ("joint") or in a layer of their own after it ("separate"); every query: attention over
+    the current map, residual + norm, then its FFN (low-level queries: the low-level FFN if
+    the encoder has one), residual + norm."""
     n_low = sum(h * w for h, w in SHAPES[: len(SHAPES) - high_levels])
+    high, low = list(range(n_low, src.shape[1])), list(range(n_low))
     refs = token_centres(SHAPES, ratios)[:, :, None] * ratios[:, None]
-    x, layer = src.clone(), iter(enc.layers)
-    for _ in range(blocks):
-        groups = [list(range(n_low, src.shape[1]))] * high_updates + [list(range(n_low))]
-        for idx in groups:
-            new = next(layer)(x[:, idx], pos[:, idx], refs[:, idx], x, SHAPES, padding)
-            x = x.clone()
-            x[:, idx] = new
+    if low_update == "joint":
+        order = ([high] * (high_updates - 1) + [low + high]) * blocks
+    else:
+        order = ([high] * high_updates + [low]) * blocks
+    x = src.clone()
+    for i, idx in enumerate(order):
+        layer, low_ffn = enc.layers[i], enc.low_ffns[str(i)] if str(i) in enc.low_ffns else None
+        q = x[:, idx]
+        a = layer.norm1(q + layer.self_attn(q + pos[:, idx], refs[:, idx], x, SHAPES, padding))
+        new = torch.empty_like(a)
+        for j, t in enumerate(idx):
+            v = a[:, j: j + 1]
+            if t < n_low and low_ffn is not None:
+                new[:, j: j + 1] = low_ffn.norm(v + low_ffn.ffn(v))
+            else:
+                new[:, j: j + 1] = layer.norm2(v + layer.ffn(v))
+        x = x.clone()
+        x[:, idx] = new
     return x
 
 
-@pytest.mark.parametrize("h,b,a,kda", [(1, 1, 2, False), (3, 2, 1, False), (2, 3, 2, True)])
-def test_interleaved_encoder_matches_the_update_order(h, b, a, kda):
-    enc = encoder(h, b, a, kda)
-    assert len(enc.layers) == b * (a + 1)
+@pytest.mark.parametrize("h,b,a,kda,mode,low_ffn", [
+    (1, 1, 2, False, "joint", None), (3, 2, 3, False, "joint", 8), (2, 3, 2, True, "joint", 8),
+    (1, 1, 2, False, "separate", None), (3, 2, 1, False, "separate", 8), (2, 3, 2, True, "separate", None)])
+def test_interleaved_encoder_matches_the_update_order(h, b, a, kda, mode, low_ffn):
+    enc = encoder(h, b, a, kda, low_update=mode, low_ffn_dim=low_ffn)
+    assert len(enc.layers) == (a * b if mode == "joint" else b * (a + 1))
+    assert len(enc.low_ffns) == (b if low_ffn else 0)
     src, pos, padding, ratios = inputs()
     got = enc(src, pos, SHAPES, padding, ratios)
-    torch.testing.assert_close(got, reference(enc, src, pos, padding, ratios, h, b, a))
+    torch.testing.assert_close(got, reference(enc, src, pos, padding, ratios, h, b, a, mode))
 
 
 def test_only_high_level_tokens_change_when_the_low_update_is_skipped():
-    enc = encoder(1, 1, 2)
-    enc.layers = enc.layers[:2]  # the two high-level updates of block 1
+    enc = encoder(1, 1, 2, low_update="separate")
+    enc.schedule = lambda: ["high", "high"]  # the two high-level updates of block 1 only
     src, pos, padding, ratios = inputs()
     changed = ((enc(src, pos, SHAPES, padding, ratios) - src).abs().sum(-1) > 0)[0]
     assert changed.nonzero().flatten().tolist() == [sum(h * w for h, w in SHAPES) - 1]  # the 1x1 level
@@ -63,10 +83,39 @@ def test_bad_stacking_fails_with_a_clear_message():
         encoder(1, 0, 1)
 
 
-def test_lite_encoder_costs_less_than_the_dense_one_with_as_many_layers():
+def test_lite_encoder_flops_follow_the_token_counts():
+    """A high-level-only layer projects values over the whole map but runs everything else
+    on the high-level queries only: joint (3+1)x1 = 2 such layers + 1 full layer."""
     images, mask = torch.randn(1, 3, 96, 96), torch.zeros(1, 96, 96, dtype=torch.bool)
-    dense = build_model(model_cfg(enc_layers=3))
-    lite = build_model(model_cfg(lite={"high_levels": 2, "blocks": 1, "high_updates": 2}))
-    assert len(lite.encoder.layers) == len(dense.encoder.layers) == 3
-    enc = {name: count_flops(m, images, mask, m.flops_parts)["encoder"] for name, m in (("d", dense), ("l", lite))}
-    assert enc["l"] < 0.5 * enc["d"]
+    dense = build_model(model_cfg(enc_layers=1))
+    lite = build_model(model_cfg(lite={"high_levels": 2, "blocks": 1, "high_updates": 3}))
+    assert len(lite.encoder.layers) == 3
+    out: dict = {}
+    full = count_flops(dense, images, mask, dense.flops_parts, out)["encoder"] * 1e9
+    tokens = out["level_tokens"]
+    s, n_high, dim = float(tokens.sum()), float(tokens[-2:].sum()), dense.dim
+    value_proj = s * dim * dim
+    per_query = (full - value_proj) / s
+    expected = full + 2 * (value_proj + per_query * n_high)
+    got = count_flops(lite, images, mask, lite.flops_parts)["encoder"] * 1e9
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got < 0.6 * 3 * full  # three dense layers
+
+
+def test_three_scale_model_drops_the_finest_map_and_reports_token_shares():
+    """skip_finest: 1 with 3 levels = C4, C5 + one extra (Lite DETR's 3-scale model); the
+    token shares are percentages by nominal stride."""
+    from effdetr.evaluation.flops import token_shares
+    images, mask = torch.randn(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool)
+    four = build_model(model_cfg())
+    three = build_model(model_cfg(deformable={"num_levels": 3, "skip_finest": 1}))
+    assert three.level_strides == [16, 32, 64] and four.level_strides == [8, 16, 32, 64]
+    o4, o3 = {}, {}
+    count_flops(four, images, mask, four.flops_parts, o4)
+    count_flops(three, images, mask, three.flops_parts, o3)
+    assert o4["level_tokens"].tolist() == [12 * 16, 6 * 8, 3 * 4, 2 * 2]
+    assert o3["level_tokens"].tolist() == [6 * 8, 3 * 4, 2 * 2]
+    shares = token_shares(four, o4)
+    assert list(shares) == ["token_share_s8", "token_share_s16", "token_share_s32", "token_share_s64"]
+    assert shares["token_share_s8"] == pytest.approx(100 * 192 / 256)
+    assert sum(shares.values()) == pytest.approx(100)

@@ -112,11 +112,14 @@ class ClusterAttentionConfig:
 @dataclass
 class DeformableConfig:
     """Deformable DETR (arch: deformable): multi-scale deformable attention everywhere."""
-    num_levels: int = _f(4, lo=1, hi=6, doc="C3..C5 (the last min(n, 3)) plus n - 3 stride-2 extra levels")
+    num_levels: int = _f(4, lo=1, hi=6, doc="backbone maps C3..C5 (the last min(n, 3 - skip_finest)) plus "
+                         "stride-2 extra levels up to n")
     num_points: int = _f(4, lo=1, hi=16, doc="sampling points per head and level")
     two_stage: bool = _f(False, doc="decoder queries = the top-k encoder tokens by a class-specific head "
                          "(boxes = their refined anchors, content = their features)")
     box_refine: bool = _f(False, doc="iterative box refinement: unshared per-layer heads move the references")
+    skip_finest: int = _f(0, lo=0, hi=2, doc="leave out the finest backbone maps (1 = no C3/S4: Lite DETR's "
+                          "3-scale model, with num_levels: 3 -> C4, C5 + one extra level)")
 
 
 @dataclass
@@ -135,7 +138,12 @@ class LiteConfig:
     high_levels: Optional[int] = _f(None, lo=1, doc="H: the coarsest H scales are high-level tokens (null = the "
                                     "standard encoder, every token every layer)")
     blocks: int = _f(3, lo=1, doc="B: interleaved blocks")
-    high_updates: int = _f(2, lo=1, doc="A: high-level updates per block (then one low-level update)")
+    high_updates: int = _f(2, lo=1, doc="A: high-level updates per block (the low-level tokens get one)")
+    low_update: Literal["joint", "separate"] = _f(
+        "joint", doc="joint: the block's last layer updates every token (released code, A*B layers); separate: "
+        "a low-level-only layer after the A high-level ones (paper figure, A*B + B layers)")
+    low_ffn_dim: Optional[int] = _f(None, lo=1, doc="FFN width for low-level queries (null = ffn_dim; the "
+                                    "released code's small_expand uses hidden_dim)")
     key_aware: bool = _f(False, doc="KDA: attention weights from the sampled keys (encoder and decoder)")
 
 
@@ -568,12 +576,24 @@ def _profile_from_dict(d: dict, file, path) -> ProfileConfig:
                           "centred on each query's reference point)")
     if m.hidden_dim % m.nheads:
         raise ConfigError(file, f"{path}.model.nheads", f"hidden_dim {m.hidden_dim} is not divisible by {m.nheads}")
+    if m.deformable.skip_finest and m.arch != "deformable":
+        raise ConfigError(file, f"{path}.model.deformable.skip_finest", "needs model.arch: deformable")
+    lite_set = {k for k, v in dataclasses.asdict(m.lite).items() if v != getattr(LiteConfig(), k)}
+    if m.lite.high_levels is None and lite_set - {"high_levels", "key_aware"}:
+        raise ConfigError(file, f"{path}.model.lite.{sorted(lite_set - {'high_levels', 'key_aware'})[0]}",
+                          "only applies to the interleaved encoder; set model.lite.high_levels (H)")
     if m.lite.high_levels is not None or m.lite.key_aware:
         if m.arch != "deformable":
             raise ConfigError(file, f"{path}.model.lite", "needs model.arch: deformable")
         if m.lite.high_levels is not None and m.lite.high_levels >= m.deformable.num_levels:
             raise ConfigError(file, f"{path}.model.lite.high_levels", f"H = {m.lite.high_levels} leaves no low-level "
                               f"scale of the {m.deformable.num_levels} levels (need H < model.deformable.num_levels)")
+        lt = m.lite
+        n_layers = lt.high_updates * lt.blocks + (lt.blocks if lt.low_update == "separate" else 0)
+        if lt.high_levels is not None and m.enc_layers != n_layers:
+            raise ConfigError(file, f"{path}.model.enc_layers", f"is {m.enc_layers} but the interleaved encoder "
+                              f"(A={lt.high_updates}, B={lt.blocks}, low_update {lt.low_update}) has {n_layers} "
+                              f"layers; set enc_layers: {n_layers}")
         if m.lite.high_levels is not None and m.sparse.rho is not None:
             raise ConfigError(file, f"{path}.model.lite.high_levels", "the interleaved encoder and Sparse DETR's "
                               "sparse encoder are alternatives; unset one (model.sparse.rho)")

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from ..data.coco import CocoDetection, collate
 from ..evaluation.coco_eval import coco_evaluate, load_coco_gt
-from ..evaluation.flops import count_flops
+from ..evaluation.flops import count_flops, token_shares
 from ..evaluation.speed import measure_fps
 from ..models.postprocess import postprocess
 
@@ -53,6 +53,7 @@ def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, floa
         mask = torch.zeros(1, *img.shape[-2:], dtype=torch.bool, device=device)
         outputs: dict = {}
         stats = {f"gmacs_{k}": v for k, v in count_flops(model, img[None].to(device), mask, parts, outputs).items()}
+        stats.update(token_shares(model, outputs))
         for key in ("tokens", "kept_tokens"):  # multi-scale models: encoder tokens, Sparse DETR's kept ones
             if key in outputs:
                 stats[f"encoder_{key}"] = float(outputs[key])

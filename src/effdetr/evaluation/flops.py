@@ -107,6 +107,16 @@ def count_flops(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tenso
     return split_counts(table, type(model).__name__, parts)
 
 
+def token_shares(model, outputs: dict) -> dict[str, float]:
+    """Percent of the encoder's tokens on each level, keyed by nominal stride (s8 = C3, the
+    papers' S4 on a 4-scale model); empty for single-scale models."""
+    counts, strides = outputs.get("level_tokens"), getattr(model, "level_strides", None)
+    if counts is None or strides is None:
+        return {}
+    total = float(counts.sum())
+    return {f"token_share_s{st}": 100.0 * float(c) / total for st, c in zip(strides, counts)}
+
+
 def count_model(model_cfg, input_sizes: list[list[int]]) -> dict:
     """Mean GMACs over the given (h, w) inputs (batch 1) and trainable params of a config."""
     torch.manual_seed(0)
@@ -114,9 +124,13 @@ def count_model(model_cfg, input_sizes: list[list[int]]) -> dict:
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     all_params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     sums: dict[str, float] = {}
+    shares: dict[str, float] = {}
     for h, w in input_sizes:
         img = torch.randn(1, 3, h, w)
         mask = torch.zeros(1, h, w, dtype=torch.bool)
-        for k, v in count_flops(model, img, mask, model.flops_parts).items():
+        outputs: dict = {}
+        for k, v in count_flops(model, img, mask, model.flops_parts, outputs).items():
             sums[k] = sums.get(k, 0.0) + v / len(input_sizes)
-    return {"gmacs": sums, "params_m": params / 1e6, "params_all_m": all_params / 1e6}
+        for k, v in token_shares(model, outputs).items():
+            shares[k] = shares.get(k, 0.0) + v / len(input_sizes)
+    return {"gmacs": sums, "params_m": params / 1e6, "params_all_m": all_params / 1e6, **shares}

@@ -44,12 +44,15 @@ class DeformableDETR(nn.Module):
                  aux_loss: bool = True, two_stage: bool = False, box_refine: bool = False,
                  rho: float | None = None, saliency: str = "dam", enc_aux_loss: bool = True,
                  lite_high_levels: int | None = None, lite_blocks: int = 3, lite_high_updates: int = 2,
-                 key_aware: bool = False):
+                 lite_low_update: str = "joint", lite_low_ffn_dim: int | None = None, key_aware: bool = False,
+                 skip_finest: int = 0):
         super().__init__()
         self.backbone, self.dim, self.levels = backbone, dim, levels
         self.num_queries, self.num_classes, self.aux_loss = num_queries, num_classes, aux_loss
         self.two_stage, self.rho, self.saliency = two_stage, rho, saliency
-        chans = backbone.level_channels[-min(levels, 3):]
+        self.skip_finest, self.backbone_maps = skip_finest, min(levels, 3 - skip_finest)  # maps used of C3..C5
+        self.level_strides = [8 * 2 ** (3 - self.backbone_maps + i) for i in range(levels)]  # nominal, 8 = C3
+        chans = backbone.level_channels[-3:][skip_finest:][-self.backbone_maps:]
         projs = [nn.Sequential(nn.Conv2d(c, dim, 1), _group_norm(dim)) for c in chans]
         in_ch = backbone.level_channels[-1]
         for _ in range(levels - len(chans)):
@@ -63,7 +66,8 @@ class DeformableDETR(nn.Module):
         self.position = PositionEmbeddingSine(dim // 2)
         enc_layer = DeformableEncoderLayer(dim, heads, levels, points, ffn_dim, dropout, key_aware)
         if lite_high_levels is not None:  # Lite DETR: interleaved high/low-level updates
-            self.encoder = InterleavedEncoder(enc_layer, levels, lite_high_levels, lite_blocks, lite_high_updates)
+            self.encoder = InterleavedEncoder(enc_layer, levels, lite_high_levels, lite_blocks, lite_high_updates,
+                                              lite_low_update, lite_low_ffn_dim)
         else:
             self.encoder = DeformableEncoder(enc_layer, enc_layers)
         self.decoder = DeformableDecoder(DeformableDecoderLayer(dim, heads, levels, points, ffn_dim, dropout,
@@ -110,7 +114,7 @@ class DeformableDETR(nn.Module):
 
     # -- inputs -------------------------------------------------------------------------
     def multiscale_inputs(self, images: Tensor, mask: Tensor):
-        feats = self.backbone.forward_levels(images, mask)[-min(self.levels, 3):]
+        feats = self.backbone.forward_levels(images, mask)[-3:][self.skip_finest:][-self.backbone_maps:]
         srcs, masks = [], []
         for lvl, proj in enumerate(self.input_proj):
             if lvl < len(feats):
@@ -134,9 +138,11 @@ class DeformableDETR(nn.Module):
         decoder layers), and with the options on: ``enc_outputs`` (two-stage proposals over all
         tokens), ``enc_aux_outputs`` (Sparse DETR encoder aux heads on the kept tokens, training
         only), ``saliency`` {logits [B,S], padding [B,S], target [B,S] (DAM, training only)},
-        ``backbone_outputs`` (objectness ablation) and ``kept_tokens``/``tokens`` (means)."""
+        ``backbone_outputs`` (objectness ablation), ``kept_tokens``/``tokens`` (means) and
+        ``level_tokens`` [L] (mean unpadded tokens per level, fine to coarse)."""
         src, pos, padding, shapes, ratios = self.multiscale_inputs(images, mask)
-        out: dict = {"tokens": (~padding).sum(1).float().mean()}
+        per_level = torch.stack([p.sum(1) for p in (~padding).split([h * w for h, w in shapes], 1)], 1)
+        out: dict = {"tokens": per_level.sum(1).float().mean(), "level_tokens": per_level.float().mean(0)}
         finite_anchors = usable = None
         if self.two_stage or self.rho is not None:  # token anchors: two-stage and Sparse DETR heads
             anchors, usable = token_proposals(shapes, ratios, padding)
@@ -231,4 +237,5 @@ def build_deformable(cfg) -> DeformableDETR:
                           two_stage=d.two_stage, box_refine=d.box_refine, rho=s.rho, saliency=s.saliency,
                           enc_aux_loss=s.enc_aux_loss, lite_high_levels=cfg.lite.high_levels,
                           lite_blocks=cfg.lite.blocks, lite_high_updates=cfg.lite.high_updates,
-                          key_aware=cfg.lite.key_aware)
+                          lite_low_update=cfg.lite.low_update, lite_low_ffn_dim=cfg.lite.low_ffn_dim,
+                          key_aware=cfg.lite.key_aware, skip_finest=d.skip_finest)

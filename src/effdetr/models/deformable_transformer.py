@@ -89,11 +89,16 @@ class DeformableEncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
+    def attend(self, query, query_pos, reference_points, values, spatial_shapes, padding):
+        x = self.self_attn(query + query_pos, reference_points, values, spatial_shapes, padding)
+        return self.norm1(query + self.drop1(x))
+
+    def feed_forward(self, x):
+        return self.norm2(x + self.drop2(self.ffn(x)))
+
     def forward(self, query, query_pos, reference_points, values, spatial_shapes, padding):
         """query [B,K,C] (every token, or the kept ones), values [B,S,C] (the full map)."""
-        x = self.self_attn(query + query_pos, reference_points, values, spatial_shapes, padding)
-        x = self.norm1(query + self.drop1(x))
-        return self.norm2(x + self.drop2(self.ffn(x)))
+        return self.feed_forward(self.attend(query, query_pos, reference_points, values, spatial_shapes, padding))
 
 
 class DeformableEncoder(nn.Module):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from .msda import MSDeformAttn, sample_points
@@ -48,11 +49,14 @@ class KeyAwareDeformAttn(MSDeformAttn):
         loc = self.locations(query, reference_points, spatial_shapes)
         values = sample_points(project(self.value_proj), spatial_shapes, loc.float())  # [B*M, D, Q, L*K]
         keys = values if self.key_proj is None else sample_points(project(self.key_proj), spatial_shapes, loc.float())
-        qh = self.query_proj(query).view(b, q, m, d).transpose(1, 2).reshape(b * m, q, d).float()
-        scores = (qh.unsqueeze(-1) * keys.transpose(1, 2)).sum(2) / math.sqrt(d)  # [B*M, Q, L*K]
+        qh = self.query_proj(query).view(b, q, m, d).transpose(1, 2).reshape(b * m, q, 1, d).float()
+        # batched q.k and weights.v as matmuls (counted by the FLOPs counter, as fvcore counted
+        # the released code's); samples [B*M, D, Q, L*K] -> per query [B*M, Q, D, L*K]
+        scores = torch.matmul(qh, keys.permute(0, 2, 1, 3)).squeeze(2) / math.sqrt(d)  # [B*M, Q, L*K]
         weights = scores.softmax(-1)
-        out = (values * weights.unsqueeze(1)).sum(-1)  # [B*M, D, Q]
-        out = self.output_proj(out.view(b, m * d, q).transpose(1, 2).to(query.dtype))
+        out = torch.matmul(values.permute(0, 2, 1, 3), weights.unsqueeze(-1)).squeeze(-1)  # [B*M, Q, D]
+        out = out.view(b, m, q, d).permute(0, 2, 1, 3).reshape(b, q, m * d)
+        out = self.output_proj(out.to(query.dtype))
         if return_sampling:
             return out, (loc, weights.view(b, m, q, self.levels, self.points).transpose(1, 2))
         return out

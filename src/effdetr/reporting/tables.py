@@ -48,7 +48,8 @@ def flops_values(metrics_dir: Path) -> tuple[dict[str, dict], list[dict], dict |
     if not data:
         return {}, [], None
     rows = {name: {"gflops": m["gmacs"]["total"], "params_m": m["params_m"],
-                   **{f"gflops_{k}": v for k, v in m["gmacs"].items() if k != "total"}}
+                   **{f"gflops_{k}": v for k, v in m["gmacs"].items() if k != "total"},
+                   **{k: v for k, v in m.items() if k.startswith("token_share_")}}
             for name, m in data["models"].items()}
     return rows, [{"what": "flops", **data["provenance"]}], data
 
