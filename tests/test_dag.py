@@ -80,3 +80,14 @@ def test_experiment_threads_reach_its_train_and_eval_stages():
     blocks = {b.split(":", 1)[0]: b for b in r.stdout.split("rule ")[1:]}
     assert "threads: 2" in blocks["train_detr_dc5"]  # Snakemake prints threads only above 1
     assert "threads:" not in blocks["train_sparse_detr_rho0p1"]
+
+
+def test_snakemake_inputs_include_the_published_numbers():
+    """Editing a paper's YAML (e.g. a claim margin) must rerun the report under Snakemake too:
+    folder deps expand to their .py and .yaml files."""
+    from pathlib import Path
+
+    from effdetr.stages import SRC, expand_deps
+    files = expand_deps([f"{SRC}/reporting"], Path(__file__).resolve().parents[1])
+    assert f"{SRC}/reporting/tables.py" in files
+    assert f"{SRC}/reporting/paper/lite_detr.yaml" in files

@@ -166,12 +166,13 @@ def load_raw(params_file: str) -> dict:
 
 
 def expand_deps(deps: list[str], root: Path = Path(".")) -> list[str]:
-    """Folders become their .py files (Snakemake compares file times, not folder times)."""
+    """Folders become their source and data files (.py, and the .yaml of the published
+    numbers): Snakemake compares file times, not folder times."""
     out = []
     for d in deps:
         p = root / d
         if d.startswith(SRC) and p.is_dir():
-            out.extend(sorted(str(f.relative_to(root)) for f in p.rglob("*.py")))
+            out.extend(sorted(str(f.relative_to(root)) for f in p.rglob("*") if f.suffix in (".py", ".yaml")))
         else:
             out.append(d)
     return out
