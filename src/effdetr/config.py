@@ -250,10 +250,28 @@ class SweepConfig:
 
 
 @dataclass
+class DETRDistillConfig:
+    """DETRDistill's parts and weights; a part is off at weight 0."""
+    instance: float = _f(1.0, lo=0.0, doc="progressive instance distillation (per decoder stage, matched pairs)")
+    instance_class: float = _f(1.0, lo=0.0, doc="class divergence weight within the instance term")
+    instance_l1: float = _f(5.0, lo=0.0, doc="box L1 weight within the instance term")
+    instance_giou: float = _f(2.0, lo=0.0, doc="1 - GIoU weight within the instance term")
+    relation: float = _f(1.0, lo=0.0, doc="query-relation term (part of progressive instance distillation)")
+    cost_class: float = _f(1.0, lo=0.0, doc="teacher-student matching cost: class divergence")
+    cost_l1: float = _f(5.0, lo=0.0, doc="teacher-student matching cost: box L1")
+    cost_giou: float = _f(2.0, lo=0.0, doc="teacher-student matching cost: -GIoU")
+    feature: float = _f(1.0, lo=0.0, doc="attention-agnostic feature distillation")
+    assignment: float = _f(1.0, lo=0.0, doc="teacher-assisted assignment stream (weight of its set loss)")
+
+
+@dataclass
 class DistillConfig:
     """Distil a trained teacher experiment into this one while it trains."""
     teacher: str = _f(doc="experiment whose checkpoint is the (frozen) teacher")
-    method: Literal["mtkd"] = _f("mtkd", doc="mtkd: ACT's multi-task KD (teacher's class + box outputs)")
+    method: Literal["mtkd", "detrdistill"] = _f(
+        "mtkd", doc="mtkd: ACT's multi-task KD (teacher's class + box outputs, query i to query i); "
+        "detrdistill: DETRDistill (matched instances, masked features, teacher-assisted assignment)")
+    detrdistill: DETRDistillConfig = _f(factory=DETRDistillConfig)
     ce: float = _f(1.0, lo=0.0, doc="weight of KL(teacher || student) on class distributions")
     l1: float = _f(5.0, lo=0.0, doc="weight of L1 between teacher and student boxes")
     giou: float = _f(2.0, lo=0.0, doc="weight of 1 - GIoU between teacher and student boxes")

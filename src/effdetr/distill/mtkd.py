@@ -39,7 +39,7 @@ class MTKDLoss(nn.Module):
         self.weights = {"loss_kd_ce": ce, "loss_kd_l1": l1, "loss_kd_giou": giou}
         self.temperature = temperature
 
-    def forward(self, student: dict, teacher: dict) -> dict[str, Tensor]:
+    def forward(self, student: dict, teacher: dict, **_) -> dict[str, Tensor]:
         """Unweighted KD losses of the last layer and (suffix _i) each auxiliary layer."""
         losses = kd_terms(student, teacher, self.temperature)
         for i, (s, t) in enumerate(zip(student.get("aux_outputs", []), teacher.get("aux_outputs", []))):
@@ -49,9 +49,3 @@ class MTKDLoss(nn.Module):
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         """Weighted sum; an auxiliary layer's loss ``<name>_<i>`` takes the weight of ``<name>``."""
         return sum(v * self.weights[k if k in self.weights else k.rsplit("_", 1)[0]] for k, v in losses.items())
-
-
-def build_distiller(distill_cfg) -> MTKDLoss:
-    if distill_cfg.method != "mtkd":
-        raise ValueError(f"unknown distillation method {distill_cfg.method!r}")
-    return MTKDLoss(distill_cfg.ce, distill_cfg.l1, distill_cfg.giou, distill_cfg.temperature)

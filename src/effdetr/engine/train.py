@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.coco import CocoDetection, collate, split_paths
 from ..data.transforms import build_transforms
-from ..distill.mtkd import build_distiller
+from ..distill import build_distiller
 from ..models import build_model
 from ..models.backbone import load_backbone_weights
 from ..models.criterion import build_criterion
@@ -117,8 +117,10 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
         if not teacher:
             raise ValueError("distillation is configured but no --teacher model file was given")
         teacher_model = build_trained_model(teacher)[0].to(device).eval().requires_grad_(False)
-        distiller = build_distiller(distill_cfg)
+        distiller = build_distiller(distill_cfg, teacher_model, model).to(device)
     groups = [g for g in model.param_groups(t.lr, t.lr_backbone, t.weight_decay) if g["params"]]
+    if distiller is not None and any(True for _ in distiller.parameters()):  # adaptation layers (training only)
+        groups.append({"params": list(distiller.parameters()), "lr": t.lr, "weight_decay": t.weight_decay})
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     iters_per_epoch = math.ceil(len(dataset) / t.batch_size)
@@ -133,6 +135,8 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
         if st.get("params_hash") != phash:
             raise RuntimeError(f"{state_path}: written for params hash {st.get('params_hash')}, not {phash}")
         model.load_state_dict(st["model"])
+        if distiller is not None:
+            distiller.load_state_dict(st.get("distiller", {}))
         optimizer.load_state_dict(st["optimizer"])
         start_epoch, start_iter, step = st["epoch"], st["iter"], st["step"]
         history, meters = st["history"], st["meters"]
@@ -141,6 +145,7 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
 
     def snapshot(epoch, it):
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "distiller": distiller.state_dict() if distiller is not None else {},
                      "iter": it, "step": step, "history": history, "meters": meters, "rng": rng_state(),
                      "params_hash": phash}, state_path)
 
@@ -171,7 +176,8 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
             if distiller is not None:
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     teacher_out = teacher_model(images, masks)
-                kd = distiller(outputs, teacher_out)
+                kd = distiller(outputs, teacher_out, targets=targets, student=model, teacher=teacher_model,
+                               criterion=criterion, num_aux=num_aux)
                 total = total + distiller.total(kd)
                 losses.update(kd)
             if not torch.isfinite(total):

@@ -50,19 +50,22 @@ class SetCriterion(nn.Module):
     def loss_boxes(self, out: dict, targets: list[dict], indices, num_boxes: float) -> dict:
         return matched_box_losses(out, targets, indices, num_boxes)
 
-    def _single(self, out: dict, targets: list[dict], num_boxes: float, suffix: str = "") -> dict:
-        indices = self.matcher(out, targets)
+    def _single(self, out: dict, targets: list[dict], num_boxes: float, suffix: str = "", indices=None) -> dict:
+        if indices is None:
+            indices = self.matcher(out, targets)
         losses = {}
         for fn in self.losses.values():
             losses.update({k + suffix: v for k, v in fn(out, targets, indices, num_boxes).items()})
         return losses
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        """Unweighted losses by name; combine with :meth:`weight_dict`."""
+    def forward(self, outputs: dict, targets: list[dict], indices=None) -> dict[str, Tensor]:
+        """Unweighted losses by name; combine with :meth:`weight_dict`. ``indices``: a fixed
+        (query, target) assignment for every layer instead of Hungarian matching (DETRDistill's
+        teacher-assisted stream)."""
         num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
-        losses = self._single(outputs, targets, num_boxes)
+        losses = self._single(outputs, targets, num_boxes, indices=indices)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self._single(aux, targets, num_boxes, f"_{i}"))
+            losses.update(self._single(aux, targets, num_boxes, f"_{i}", indices))
         return losses
 
     def total(self, losses: dict[str, Tensor], num_aux: int) -> Tensor:

@@ -169,21 +169,40 @@ class DeformableDETR(nn.Module):
         memory = self.encoder(src, pos, shapes, padding, ratios, keep=keep, keep_valid=keep_valid,
                               after_layer=aux_heads)
         tgt, query_pos, reference = self.decoder_queries(memory, out, finite_anchors, usable)
-        hs, refs, samplings = self.decoder(tgt, query_pos, reference, memory, shapes, padding, ratios)
+        context = {"memory": memory, "shapes": shapes, "padding": padding, "ratios": ratios}
+        decoded, samplings = self.decode_queries(context, tgt, query_pos, reference)
+        out.update(decoded, memory=memory, padding=padding, context=context)
+        if enc_aux:
+            out["enc_aux_outputs"] = enc_aux
+        if self.rho is not None and self.saliency == "dam" and self.training:
+            out["saliency"]["target"] = dam_target(attention_map(samplings, shapes), padding, self.rho)
+        return out
+
+    def decode_queries(self, context: dict, tgt: Tensor, query_pos: Tensor, reference: Tensor):
+        """Decoder + heads -> ({pred_logits, pred_boxes, aux_outputs, hs [L,B,Q,C]}, the
+        decoder's sampling locations/weights)."""
+        hs, refs, samplings = self.decoder(tgt, query_pos, reference, context["memory"], context["shapes"],
+                                           context["padding"], context["ratios"])
         preds = []
         for lvl in range(hs.shape[0]):
             delta = self.bbox_embed[lvl](hs[lvl])
             ref = inverse_sigmoid(refs[lvl])
             delta = delta + ref if ref.shape[-1] == 4 else torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
             preds.append({"pred_logits": self.class_embed[lvl](hs[lvl]), "pred_boxes": delta.sigmoid()})
-        out.update(preds[-1])
+        out = {**preds[-1], "hs": hs}
         if self.aux_loss:
             out["aux_outputs"] = preds[:-1]
-        if enc_aux:
-            out["enc_aux_outputs"] = enc_aux
-        if self.rho is not None and self.saliency == "dam" and self.training:
-            out["saliency"]["target"] = dam_target(attention_map(samplings, shapes), padding, self.rho)
-        return out
+        return out, samplings
+
+    def decode(self, context: dict, queries: Tensor, log_scale: Tensor | None = None) -> dict:
+        """Learned-query decoding of other query embeddings [Q, 2C] (positional, content) over
+        an encoded image (DETRDistill's teacher-assisted stream); ``log_scale`` is unused."""
+        if self.two_stage:
+            raise ValueError("a two-stage model draws its queries from the image; it cannot decode given queries")
+        b = context["memory"].shape[0]
+        query_pos, tgt = queries.split(self.dim, dim=-1)
+        query_pos, tgt = query_pos.expand(b, -1, -1), tgt.expand(b, -1, -1)
+        return self.decode_queries(context, tgt, query_pos, self.reference(query_pos).sigmoid())[0]
 
     def decoder_queries(self, memory: Tensor, out: dict, anchors: Tensor | None = None, usable: Tensor | None = None):
         """-> (content queries, positional queries, initial references in sigmoid space);

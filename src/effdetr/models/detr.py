@@ -56,35 +56,51 @@ class DETR(nn.Module):
 
         Returns ``pred_logits`` [B,Q,num_classes+1] (last = no object), ``pred_boxes``
         [B,Q,4] normalised (cx,cy,w,h) in [0,1], ``aux_outputs`` (list of the same for each
-        earlier decoder layer, when aux_loss) and ``memory`` [B,HW,C] (encoder output).
+        earlier decoder layer, when aux_loss), ``hs`` [L,B,Q,C] (decoder states), ``memory``
+        [B,HW,C] (encoder output), ``padding`` [B,HW] and ``context`` (what :meth:`decode`
+        needs to run other queries over the same image, for distillation).
         """
         feats, fmask = self.backbone(images, mask)
         pos = self.position(fmask).to(feats.dtype)
+        src = self.input_proj(feats)
+        flat_pos, padding = pos.flatten(2).transpose(1, 2), fmask.flatten(1)
+        memory = self.transformer.encode(src.flatten(2).transpose(1, 2), padding, flat_pos)
+        context = {"memory": memory, "pos": flat_pos, "fmask": fmask}
+        out = self.decode(context, self.query_embed.weight, self.log_scale)
+        out.update(memory=memory, padding=padding, context=context)
+        return out
+
+    def decode(self, context: dict, queries: Tensor, log_scale: Tensor | None = None) -> dict:
+        """Decoder + heads for query embeddings [Q,C] (or per image [B,Q,C]) over an encoded
+        image; ``log_scale`` [Q,1]: the spatial prior's per-query widths (with spatial_prior)."""
+        memory, fmask = context["memory"], context["fmask"]
         ref = None
         if self.reference is not None:
-            ref = self.reference(self.query_embed.weight).sigmoid().clamp(1e-4, 1 - 1e-4)  # [Q,2] (x,y)
-        bias = self.spatial_bias(ref, fmask) if self.log_scale is not None else None
-        hs, memory = self.transformer(self.input_proj(feats), fmask, self.query_embed.weight, pos, bias)
+            ref = self.reference(queries).sigmoid().clamp(1e-4, 1 - 1e-4)  # [(B,)Q,2] (x,y)
+        if log_scale is None:
+            log_scale = self.log_scale
+        bias = self.spatial_bias(ref, fmask, log_scale) if log_scale is not None else None
+        hs = self.transformer.decode(memory, fmask.flatten(1), context["pos"], queries, bias)
         logits = self.class_embed(hs)
         raw = self.bbox_embed(hs)
         if ref is not None:
             raw = raw + F.pad(torch.log(ref / (1 - ref)), (0, 2))
         boxes = raw.sigmoid()
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "memory": memory}
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "hs": hs}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                   for a, b in zip(logits[:-1], boxes[:-1])]
         return out
 
-    def spatial_bias(self, ref: Tensor, fmask: Tensor) -> Tensor:
+    def spatial_bias(self, ref: Tensor, fmask: Tensor, log_scale: Tensor) -> Tensor:
         """-|p - r_q|^2 / (2 s_q^2) for every query q and feature cell p, in coordinates
         normalised to the unpadded image (as boxes are) -> [B,1,Q,HW]."""
         valid = (~fmask).float()
         ys = (valid.cumsum(1) - 0.5) / valid.sum(1, keepdim=True).clamp(min=1)
         xs = (valid.cumsum(2) - 0.5) / valid.sum(2, keepdim=True).clamp(min=1)
-        dx = xs.flatten(1)[:, None, :] - ref[None, :, 0:1]
-        dy = ys.flatten(1)[:, None, :] - ref[None, :, 1:2]
-        scale = self.log_scale.exp()[None]  # [1,Q,1]
+        dx = xs.flatten(1)[:, None, :] - ref[..., 0:1]
+        dy = ys.flatten(1)[:, None, :] - ref[..., 1:2]
+        scale = log_scale.exp()[None]  # [1,Q,1]
         return (-(dx * dx + dy * dy) / (2 * scale * scale)).unsqueeze(1)
 
     def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:

@@ -35,10 +35,11 @@ class FocalSetCriterion(nn.Module):
         self.matcher, self.weights, self.alpha, self.gamma = matcher, dict(weights), alpha, gamma
 
     def set_loss(self, out: dict, targets: list[dict], num_boxes: float, suffix: str,
-                 class_agnostic: bool = False) -> dict[str, Tensor]:
+                 class_agnostic: bool = False, indices=None) -> dict[str, Tensor]:
         if class_agnostic:
             targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
-        indices = self.matcher(out, targets)
+        if indices is None:
+            indices = self.matcher(out, targets)
         logits = out["pred_logits"].float()
         onehot = torch.zeros_like(logits)
         for i, (src, tgt) in enumerate(indices):
@@ -47,12 +48,13 @@ class FocalSetCriterion(nn.Module):
                   **matched_box_losses(out, targets, indices, num_boxes)}
         return {k + suffix: v for k, v in losses.items()}
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        """Unweighted losses by name; combine with :meth:`total`."""
+    def forward(self, outputs: dict, targets: list[dict], indices=None) -> dict[str, Tensor]:
+        """Unweighted losses by name; combine with :meth:`total`. ``indices``: a fixed (query,
+        target) assignment for every decoder layer instead of Hungarian matching."""
         num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
-        losses = self.set_loss(outputs, targets, num_boxes, "")
+        losses = self.set_loss(outputs, targets, num_boxes, "", indices=indices)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self.set_loss(aux, targets, num_boxes, f"_{i}"))
+            losses.update(self.set_loss(aux, targets, num_boxes, f"_{i}", indices=indices))
         if "enc_outputs" in outputs:
             losses.update(self.set_loss(outputs["enc_outputs"], targets, num_boxes, "_enc"))
         for i, aux in enumerate(outputs.get("enc_aux_outputs", [])):

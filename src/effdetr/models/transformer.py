@@ -96,14 +96,18 @@ class Transformer(nn.Module):
         """src [B,C,H,W], mask [B,H,W], query_embed [Q,C], pos [B,C,H,W], cross_bias (optional
         decoder cross-attention logit bias [B,1,Q,HW]) ->
         (hs [L_dec,B,Q,C] normed decoder outputs per layer, memory [B,HW,C])."""
-        b = src.shape[0]
         src, pos = src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2)
         mask = mask.flatten(1)
         memory = self.encode(src, mask, pos)
-        query_pos = query_embed.unsqueeze(0).expand(b, -1, -1)
+        return self.decode(memory, mask, pos, query_embed, cross_bias), memory
+
+    def decode(self, memory: Tensor, mask: Tensor, pos: Tensor, query_embed: Tensor,
+               cross_bias: Tensor | None = None) -> Tensor:
+        """memory/pos [B,N,C], mask [B,N], query_embed [Q,C] or per image [B,Q,C] -> hs [L,B,Q,C]."""
+        query_pos = query_embed if query_embed.dim() == 3 else query_embed.unsqueeze(0).expand(memory.shape[0], -1, -1)
         tgt = torch.zeros_like(query_pos)
         hs = []
         for layer in self.decoder:
             tgt = layer(tgt, memory, pos, query_pos, mask, cross_bias)
             hs.append(self.dec_norm(tgt))
-        return torch.stack(hs), memory
+        return torch.stack(hs)

@@ -1,0 +1,63 @@
+"""DETRDistill as one training-time module: its three parts over a frozen teacher.
+
+Holds the only trainable pieces DETRDistill adds -- the feature adaptation layer (student ->
+teacher width) and the TAAD query projection (teacher -> student width). They are saved with
+the training state, never with the student's model file, so the distilled student has the
+baseline student's architecture and inference cost.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .detrdistill import feature_loss, feature_mask, instance_terms, match_predictions, query_quality, relation_loss
+from .taad import TeacherAssistedAssignment
+
+
+def decoder_stages(out: dict) -> list[dict]:
+    """Per decoder stage, first to last: the auxiliary outputs, then the final one."""
+    return list(out.get("aux_outputs", [])) + [out]
+
+
+class DETRDistillLoss(nn.Module):
+    def __init__(self, cfg, teacher_dim: int, student_dim: int, sigmoid: bool, teacher_query_dim: int | None = None,
+                 student_query_dim: int | None = None):
+        super().__init__()
+        self.cfg, self.sigmoid = cfg, sigmoid
+        self.adapt = nn.Linear(student_dim, teacher_dim) if cfg.feature > 0 else None
+        self.taad = (TeacherAssistedAssignment(teacher_query_dim or teacher_dim, student_query_dim or student_dim)
+                     if cfg.assignment > 0 else None)
+
+    def forward(self, student_out: dict, teacher_out: dict, *, targets: list[dict], student: nn.Module,
+                teacher: nn.Module, criterion: nn.Module, num_aux: int = 0, **_) -> dict[str, Tensor]:
+        c, losses = self.cfg, {}
+        if c.instance > 0 or c.relation > 0:
+            s_stages, t_stages = decoder_stages(student_out), decoder_stages(teacher_out)
+            t_stages = t_stages[len(t_stages) - len(s_stages):]  # deeper teacher: align the last stages
+            t_hs = teacher_out["hs"][len(teacher_out["hs"]) - len(s_stages):]
+            for k, (s, t) in enumerate(zip(s_stages, t_stages)):
+                suffix = "" if k == len(s_stages) - 1 else f"_{k}"  # earlier stages as the aux losses
+                indices = match_predictions(t, s, self.sigmoid, c.cost_class, c.cost_l1, c.cost_giou)
+                if c.instance > 0:
+                    losses.update({name + suffix: v for name, v in instance_terms(t, s, indices, self.sigmoid).items()})
+                if c.relation > 0:
+                    losses["loss_pid_relation" + suffix] = relation_loss(t_hs[k], student_out["hs"][k], indices)
+        if c.feature > 0:
+            t_mem, s_mem = teacher_out["memory"], student_out["memory"]
+            if t_mem.shape[:2] != s_mem.shape[:2]:
+                raise ValueError(f"feature distillation needs the same feature tokens in teacher and student: "
+                                 f"teacher memory {tuple(t_mem.shape)}, student {tuple(s_mem.shape)} (use the same "
+                                 "backbone strides and levels)")
+            quality = query_quality(teacher_out["pred_logits"], teacher_out["pred_boxes"], targets, self.sigmoid)
+            mask = feature_mask(teacher_out["hs"][-1], t_mem, quality, teacher_out.get("padding"))
+            losses["loss_feature"] = feature_loss(t_mem, self.adapt(s_mem), mask.detach())
+        if self.taad is not None:
+            stream = self.taad(student, student_out, teacher, teacher_out, targets, criterion)
+            losses["loss_taad"] = criterion.total(stream, num_aux)
+        return losses
+
+    def total(self, losses: dict[str, Tensor]) -> Tensor:
+        c = self.cfg
+        weights = {"loss_pid_class": c.instance * c.instance_class, "loss_pid_l1": c.instance * c.instance_l1,
+                   "loss_pid_giou": c.instance * c.instance_giou, "loss_pid_relation": c.relation,
+                   "loss_feature": c.feature, "loss_taad": c.assignment}
+        return sum(v * weights[k.rsplit("_", 1)[0] if k not in weights else k] for k, v in losses.items())

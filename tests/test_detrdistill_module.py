@@ -1,0 +1,112 @@
+"""DETRDistill wired to real DETR / Deformable DETR teacher-student pairs."""
+import copy
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from effdetr import config as C
+from effdetr.distill import build_distiller
+from effdetr.models import build_model
+from effdetr.models.criterion import build_criterion
+from tests.test_deformable import loss_cfg as focal_loss_cfg
+from tests.test_deformable import model_cfg as deformable_cfg
+
+
+def distill_cfg(**parts):
+    return C.build(C.DistillConfig, {"teacher": "t", "method": "detrdistill", "detrdistill": parts}, "test", "distill")
+
+
+def batch():
+    images, mask = torch.randn(2, 3, 64, 80), torch.zeros(2, 64, 80, dtype=torch.bool)
+    mask[1, :, 60:] = True
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.2, 0.3, 0.1, 0.2]])},
+               {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]  # one image without objects
+    return images, mask, targets
+
+
+def pair(family, tiny_cfg):
+    torch.manual_seed(0)
+    if family == "detr":
+        t_cfg = tiny_cfg.model
+        s_cfg = dataclasses.replace(t_cfg, hidden_dim=16, ffn_dim=32, nheads=4)
+        crit = build_criterion(s_cfg, tiny_cfg.loss)
+    else:
+        t_cfg = deformable_cfg()
+        s_cfg = deformable_cfg(hidden_dim=16, ffn_dim=32, num_queries=6)
+        crit = build_criterion(s_cfg, focal_loss_cfg())
+    teacher = build_model(t_cfg).eval().requires_grad_(False)
+    return teacher, build_model(s_cfg).train(), crit
+
+
+@pytest.mark.parametrize("family", ["detr", "deformable"])
+def test_every_part_trains_the_student_and_its_adapters_not_the_teacher(family, tiny_cfg):
+    teacher, student, crit = pair(family, tiny_cfg)
+    distiller = build_distiller(distill_cfg(), teacher, student)
+    images, mask, targets = batch()
+    with torch.no_grad():
+        t_out = teacher(images, mask)
+    s_out = student(images, mask)
+    losses = distiller(s_out, t_out, targets=targets, student=student, teacher=teacher, criterion=crit,
+                       num_aux=len(s_out["aux_outputs"]))
+    stems = {re.sub(r"_\d+$", "", k) for k in losses}
+    assert stems == {"loss_pid_class", "loss_pid_l1", "loss_pid_giou", "loss_pid_relation", "loss_feature",
+                     "loss_taad"}
+    assert all(torch.isfinite(v) and v >= 0 for v in losses.values()), losses
+    distiller.total(losses).backward()
+    assert all(p.grad is not None for p in distiller.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.query_embed.weight.grad is not None
+
+
+@pytest.mark.parametrize("family", ["detr", "deformable"])
+def test_self_distillation_with_identity_adapters_is_lossless(family, tiny_cfg):
+    """Student = the teacher, adapters = identity: the instance, relation and feature terms
+    vanish and the teacher-query stream's loss equals the teacher's own set loss under its
+    final-layer assignment."""
+    teacher, _, _ = pair(family, tiny_cfg)
+    student = copy.deepcopy(teacher)
+    crit = (build_criterion(tiny_cfg.model, tiny_cfg.loss) if family == "detr"
+            else build_criterion(deformable_cfg(), focal_loss_cfg()))
+    distiller = build_distiller(distill_cfg(), teacher, student)
+    for lin in (distiller.adapt, distiller.taad.proj):
+        torch.nn.init.eye_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+    images, mask, targets = batch()
+    with torch.no_grad():
+        out = teacher(images, mask)
+        losses = distiller(out, out, targets=targets, student=student, teacher=teacher, criterion=crit,
+                           num_aux=len(out["aux_outputs"]))
+        fixed = crit.matcher(out, targets)  # the teacher's final assignment, for every stage
+        own = crit.total(crit(out, targets, indices=fixed), len(out["aux_outputs"]))
+    for k, v in losses.items():
+        if k != "loss_taad":
+            assert v.abs() < 1e-4, (k, v)
+    torch.testing.assert_close(losses["loss_taad"], own, rtol=1e-5, atol=1e-6)
+
+
+def test_parts_switch_off_at_weight_zero(tiny_cfg):
+    teacher, student, crit = pair("detr", tiny_cfg)
+    distiller = build_distiller(distill_cfg(instance=0, relation=0, assignment=0), teacher, student)
+    assert distiller.taad is None and distiller.adapt is not None
+    images, mask, targets = batch()
+    with torch.no_grad():
+        t_out = teacher(images, mask)
+    losses = distiller(student(images, mask), t_out, targets=targets, student=student, teacher=teacher,
+                       criterion=crit)
+    assert set(losses) == {"loss_feature"}
+
+
+def test_mismatched_pairs_fail_with_a_clear_message(tiny_cfg):
+    detr, _, _ = pair("detr", tiny_cfg)
+    deform, _, _ = pair("deformable", tiny_cfg)
+    with pytest.raises(ValueError, match="one family"):
+        build_distiller(distill_cfg(), detr, deform)
+    two_stage = build_model(deformable_cfg(deformable={"num_points": 2, "two_stage": True}))
+    with pytest.raises(ValueError, match="learned decoder queries"):
+        distiller = build_distiller(distill_cfg(instance=0, relation=0, feature=0), two_stage, two_stage)
+        images, mask, targets = batch()
+        out = two_stage(images, mask)
+        distiller(out, out, targets=targets, student=two_stage, teacher=two_stage,
+                  criterion=build_criterion(deformable_cfg(), focal_loss_cfg()))
