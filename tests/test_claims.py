@@ -42,3 +42,28 @@ def test_table_rows_skip_empty_cells_and_add_extra_experiments():
     labels = [(r[0], r[1]) for r in rows]
     assert ("Tuned", "gflops") not in labels  # neither a paper nor a reproduced number
     assert ("extra", "AP") in labels and rows[-1][2] == "—"
+
+
+def test_seed_rows_average_with_sample_sd_and_gains_use_the_means(tmp_path):
+    import json
+
+    import pytest
+
+    from effdetr.reporting.tables import add_gains, seed_values
+    for name, ap in (("s1", 0.30), ("s2", 0.34), ("d1", 0.35), ("d2", 0.37)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps({"stats": {"AP": ap, "gmacs_total": 1.5},
+                                                               "provenance": {"git": {}}}))
+    base, prov = seed_values(tmp_path, ["s1", "s2"])
+    assert base["AP"] == pytest.approx(32.0) and base["AP_sd"] == pytest.approx(2 * 2 ** 0.5)
+    assert base["seeds"] == 2 and len(prov) == 2
+    assert seed_values(tmp_path, ["s1", "missing"])[0] == {}  # a seed not run yet: no row
+    spec = {"rows": {"base": {}, "kd": {"gain_vs": "base"}}}
+    rep = {"base": base, "kd": seed_values(tmp_path, ["d1", "d2"])[0]}
+    add_gains(spec, rep)
+    assert rep["kd"]["AP_gain"] == pytest.approx(4.0) and rep["kd"]["gflops_total_gain"] == 0.0
+    row = {"claims": [{"metric": "AP", "beyond_spread": "base"}, {"metric": "gflops_total", "equal": "base"}]}
+    assert judge(row, "AP", None, rep, "kd").startswith("no (+4.00 vs base, seed spread 4.24)")
+    assert judge(row, "gflops_total", None, rep, "kd").startswith("yes (+0.00 vs base)")
+    rep["kd"]["gflops_total"] = 1.6
+    assert judge(row, "gflops_total", None, rep, "kd").startswith("no")

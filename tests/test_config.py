@@ -98,6 +98,18 @@ def test_repo_params_are_valid():
     (lambda r: r["experiments"]["deformable_detr_topk"].update(
         overrides={"model": {"arch": "deformable", "deformable": {"skip_finest": 3}}}),
      "experiments.deformable_detr_topk(profile synth).model.deformable.skip_finest", "above the maximum 2"),
+    # DETRDistill pairs are checked at load, before anything trains
+    (lambda r: r["experiments"].update(stu={"paper": "detrdistill", "table": "detrdistill_main",
+                                            "distill": {"teacher": "deformable_detr_topk", "method": "detrdistill"}}),
+     "experiments.stu(profile synth).distill.teacher", "DETRDistill's class terms need one family"),
+    (lambda r: r["experiments"].update(stu={
+        "paper": "detrdistill", "table": "detrdistill_main", "overrides": r["experiments"]["deformable_detr_topk"][
+            "overrides"], "distill": {"teacher": "deformable_detr_topk", "method": "detrdistill"}}),
+     "experiments.stu(profile synth).distill.detrdistill.assignment", "needs learned queries"),
+    (lambda r: r["experiments"].update(stu={
+        "paper": "detrdistill", "table": "detrdistill_main", "overrides": {"model": {"backbone": {"dilation": False}}},
+        "distill": {"teacher": "detr_dc5", "method": "detrdistill"}}),
+     "experiments.stu(profile synth).distill.detrdistill.feature", "same feature tokens"),
 ])
 def test_invalid_params_name_key_and_file(raw, tmp_path, mutate, path, msg):
     bad = copy.deepcopy(raw)

@@ -110,3 +110,30 @@ def test_mismatched_pairs_fail_with_a_clear_message(tiny_cfg):
         out = two_stage(images, mask)
         distiller(out, out, targets=targets, student=two_stage, teacher=two_stage,
                   criterion=build_criterion(deformable_cfg(), focal_loss_cfg()))
+
+
+def test_distilled_training_leaves_the_student_architecture_and_flops_unchanged(tiny_cfg, tiny_data, tmp_path):
+    """Train a few steps with every part on (engine path, adapters in the optimizer); the
+    saved student is the baseline student's architecture with the baseline's FLOPs."""
+    from effdetr.engine.checkpoint import build_trained_model, save_atomic
+    from effdetr.engine.train import train
+    from effdetr.evaluation.flops import count_flops
+    backbone = dataclasses.replace(tiny_cfg.model.backbone, pretrained="none")
+    t_model_cfg = dataclasses.replace(tiny_cfg.model, backbone=backbone)
+    torch.manual_seed(0)
+    save_atomic({"model": build_model(t_model_cfg).state_dict(), "model_config": dataclasses.asdict(t_model_cfg),
+                 "params_hash": "t", "epochs": 0}, tmp_path / "teacher.pt")
+    s_model_cfg = dataclasses.replace(t_model_cfg, hidden_dim=16, ffn_dim=32, nheads=4)
+    cfg = dataclasses.replace(tiny_cfg, model=s_model_cfg,
+                              train=dataclasses.replace(tiny_cfg.train, epochs=1, max_iters_per_epoch=2))
+    result = train(cfg, str(tiny_data), str(tmp_path / "student.pt"), str(tmp_path / "work"), "h",
+                   teacher=str(tmp_path / "teacher.pt"), distill_cfg=distill_cfg())
+    assert {"train_loss_pid_class", "train_loss_feature", "train_loss_taad"} <= set(result["final"])
+    state = torch.load(tmp_path / "work" / "last.pt", weights_only=False)
+    assert set(state["distiller"]) == {"adapt.weight", "adapt.bias", "taad.proj.weight", "taad.proj.bias"}
+    student, _ = build_trained_model(tmp_path / "student.pt")
+    baseline = build_model(s_model_cfg)
+    assert set(student.state_dict()) == set(baseline.state_dict())
+    images, mask = torch.randn(1, 3, 64, 80), torch.zeros(1, 64, 80, dtype=torch.bool)
+    assert count_flops(student, images, mask, student.flops_parts) == count_flops(baseline, images, mask,
+                                                                                  baseline.flops_parts)

@@ -493,7 +493,14 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
                 raw_sweep = params.experiments[source]["sweep"]
                 i = [sweep_name(source, raw_sweep, v) for v in e.sweep.values].index(name)
                 where += f".sweep.values[{i}] ({name}, {e.sweep.key})"
-            _profile_from_dict(merged, file, f"{where}(profile {pname})")
+            student = _profile_from_dict(merged, file, f"{where}(profile {pname})")
+            if e.distill and e.distill.method == "detrdistill":
+                t_exp = build(ExperimentConfig, expanded[e.distill.teacher][1], file, f"experiments.{e.distill.teacher}")
+                t_merged = deep_merge(deep_merge(params.profiles[pname], t_exp.overrides),
+                                      t_exp.profile_overrides.get(pname, {}))
+                teacher = _profile_from_dict(t_merged, file, f"experiments.{e.distill.teacher}(profile {pname})")
+                _check_detrdistill_pair(teacher.model, student.model, e.distill.detrdistill, file,
+                                        f"experiments.{source}(profile {pname}).distill")
     if params.speed is not None:
         src = params.experiments.get(params.speed.experiment)
         if not isinstance(src, dict) or not src.get("sweep") or not src.get("init_from") \
@@ -572,6 +579,31 @@ def _check_references(name: str, source: str, e: ExperimentConfig, expanded: dic
                           "an eval-only experiment must name the trained experiment it evaluates")
     if e.distill and "train" not in e.stages:
         raise ConfigError(file, f"experiments.{source}.distill", "distillation needs a train stage")
+
+
+def _check_detrdistill_pair(teacher: ModelConfig, student: ModelConfig, dd: DETRDistillConfig, file, path) -> None:
+    """What DETRDistill needs of a teacher/student pair, checked before anything trains."""
+    if teacher.arch != student.arch:
+        raise ConfigError(file, f"{path}.teacher", f"teacher arch {teacher.arch!r} and student arch "
+                          f"{student.arch!r} differ; DETRDistill's class terms need one family")
+    if dd.feature > 0:
+        layout = lambda m: (m.backbone.name, m.backbone.dilation, m.deformable.num_levels,  # noqa: E731
+                            m.deformable.skip_finest)
+        if layout(teacher) != layout(student):
+            raise ConfigError(file, f"{path}.detrdistill.feature", "feature distillation needs the same feature "
+                              f"tokens in teacher and student (backbone name/dilation, levels): teacher "
+                              f"{layout(teacher)}, student {layout(student)}")
+    if dd.assignment > 0:
+        two_stage = [who for who, m in (("teacher", teacher), ("student", student))
+                     if m.arch == "deformable" and m.deformable.two_stage]
+        if two_stage:
+            raise ConfigError(file, f"{path}.detrdistill.assignment", f"the {' and '.join(two_stage)} draw(s) decoder "
+                              "queries from the image (deformable.two_stage); the teacher-assisted stream needs "
+                              "learned queries on both sides (set assignment: 0)")
+        if student.spatial_prior and not teacher.spatial_prior and teacher.num_queries != student.num_queries:
+            raise ConfigError(file, f"{path}.detrdistill.assignment", "the student's per-query spatial prior has "
+                              f"{student.num_queries} widths and the teacher none for its {teacher.num_queries} "
+                              "queries")
 
 
 def _profile_from_dict(d: dict, file, path) -> ProfileConfig:

@@ -10,6 +10,9 @@ A table row in ``reporting/paper/*.yaml`` lists its claims; each applies to one 
 - ``{higher: row}`` / ``{lower: row}``: reproduced[row] above / below reproduced[that row].
 - ``{max_ratio: r, vs: row}``: reproduced[row] / reproduced[vs] <= r (a cost cut "of the
   paper's order", e.g. GFLOPs -38 % -> r = 0.62).
+- ``{equal: row}``: the same value (e.g. a distilled student's FLOPs and its baseline's).
+- ``{beyond_spread: row}``: above that row by more than the two rows' seed standard
+  deviations added (``<metric>_sd``, rows averaged over seeds).
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def judge(spec_row: dict, metric: str, paper, reproduced: dict[str, dict], row_k
                 ok = abs(rel) <= claim["rel_tol"]
                 verdicts.append(f"{'yes' if ok else 'no'} ({rel:+.1%}, tolerance ±{claim['rel_tol']:.0%})")
             continue
-        for kind in ("max_drop", "max_ratio", "higher", "lower"):
+        for kind in ("max_drop", "max_ratio", "higher", "lower", "equal", "beyond_spread"):
             if kind not in claim:
                 continue
             other_key = claim["vs"] if kind in ("max_drop", "max_ratio") else claim[kind]
@@ -66,6 +69,13 @@ def judge(spec_row: dict, metric: str, paper, reproduced: dict[str, dict], row_k
                                 f"({ratio - 1:+.1%} vs {other_key}, needed <= {claim['max_ratio'] - 1:+.0%})")
             elif kind == "higher":
                 verdicts.append(f"{'yes' if mine > other else 'no'} ({_num(mine - other, True)} vs {other_key})")
-            else:
+            elif kind == "lower":
                 verdicts.append(f"{'yes' if mine < other else 'no'} ({_num(mine - other, True)} vs {other_key})")
+            elif kind == "equal":
+                same = abs(mine - other) <= 1e-9 * max(abs(mine), abs(other), 1.0)
+                verdicts.append(f"{'yes' if same else 'no'} ({_num(mine - other, True)} vs {other_key})")
+            else:
+                spread = (reproduced[row_key].get(f"{metric}_sd", 0.0) + reproduced[other_key].get(f"{metric}_sd", 0.0))
+                verdicts.append(f"{'yes' if mine - other > spread else 'no'} ({_num(mine - other, True)} vs "
+                                f"{other_key}, seed spread {_num(spread)})")
     return "; ".join(verdicts) if verdicts else "—"

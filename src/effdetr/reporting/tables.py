@@ -43,6 +43,38 @@ def experiment_values(metrics_dir: Path, name: str) -> tuple[dict, list[dict]]:
     return values, prov
 
 
+def seed_values(metrics_dir: Path, names: list[str]) -> tuple[dict, list[dict]]:
+    """One row from several seeds of an experiment: the mean of every metric all of them
+    report, and its sample standard deviation as ``<metric>_sd``."""
+    runs, prov = [], []
+    for n in names:
+        values, p = experiment_values(metrics_dir, n)
+        if values:
+            runs.append(values)
+        prov += p
+    if len(runs) < len(names):
+        return {}, prov  # not every seed has run yet
+    out = {}
+    for k in set.intersection(*(set(r) for r in runs)):
+        xs = [r[k] for r in runs]
+        if all(isinstance(x, (int, float)) for x in xs):
+            mean = sum(xs) / len(xs)
+            out[k] = mean
+            out[k + "_sd"] = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    out["seeds"] = len(runs)
+    return out, prov
+
+
+def add_gains(spec: dict, reproduced: dict[str, dict]) -> None:
+    """``gain_vs: row``: ``<metric>_gain`` = this row's metric minus that row's (means)."""
+    for key, row in spec["rows"].items():
+        base = reproduced.get(row.get("gain_vs"), {})
+        mine = reproduced.get(key, {})
+        for m in list(mine):
+            if isinstance(mine[m], float) and not m.endswith(("_sd", "_gain")) and m in base:
+                mine[m + "_gain"] = mine[m] - base[m]
+
+
 def flops_values(metrics_dir: Path) -> tuple[dict[str, dict], list[dict], dict | None]:
     data = _read(metrics_dir / "flops.json")
     if not data:
@@ -153,8 +185,12 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
         wanted.setdefault(params.speed.table, [])
     for tid in wanted:
         if tid in specs:  # the paper's rows, then this repo's extra experiments for the table
-            extra = [n for n, (_, e) in experiments.items() if e["table"] == tid and n not in specs[tid]["rows"]]
-            wanted[tid] = [k for k in specs[tid]["rows"] if k in experiments] + extra
+            rows = specs[tid]["rows"]
+            seeded = {n for r in rows.values() for n in r.get("seeds", [])}
+            extra = [n for n, (_, e) in experiments.items()
+                     if e["table"] == tid and n not in rows and n not in seeded]
+            wanted[tid] = [k for k, r in rows.items()
+                           if k in experiments or (r.get("seeds") and all(n in experiments for n in r["seeds"]))] + extra
 
     for tid in sorted(wanted):
         if tid not in specs:
@@ -174,8 +210,11 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
         else:
             reproduced, prov = {}, []
             for name in wanted[tid]:
-                reproduced[name], p = experiment_values(metrics_dir, name)
+                seeds = spec["rows"].get(name, {}).get("seeds")
+                reproduced[name], p = (seed_values(metrics_dir, seeds) if seeds
+                                       else experiment_values(metrics_dir, name))
                 prov += p
+            add_gains(spec, reproduced)
             note = ("SynthCOCO is not COCO: compare *relations* between rows (the claims), not "
                     "absolute values, with the paper." if params.profile == "synth" else "")
         rows = table_rows(spec, reproduced, [n for n in wanted[tid] if n not in spec["rows"]])
