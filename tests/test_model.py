@@ -84,7 +84,7 @@ def test_spatial_prior_bias_against_a_loop(tiny_cfg):
     fmask[1, :, 3:] = True  # second image: 3 valid columns
     fmask[1, 2:, :] = True  # and 2 valid rows
     ref = torch.tensor([[0.2, 0.7]] * cfg.num_queries)
-    bias = m.spatial_bias(ref, fmask)
+    bias = m.spatial_bias(ref, fmask, m.log_scale)
     scale = m.log_scale.exp()
     for b, (rows, cols) in enumerate([(3, 4), (2, 3)]):
         for q in range(cfg.num_queries):
