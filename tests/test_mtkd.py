@@ -67,6 +67,9 @@ def test_identical_outputs_give_zero_and_aux_layers_are_covered():
     te["aux_outputs"] = [_outputs(2, 3, 4, 7)]
     diff = loss(s, te)
     assert all(v.item() > 0 for v in diff.values())
+    # the engine passes every distiller the same keywords (DETRDistill needs them; MTKD not)
+    engine_call = loss(s, te, targets=[], student=None, teacher=None, criterion=None, num_aux=1)
+    assert all(torch.equal(engine_call[k], diff[k]) for k in diff)
     want = sum(diff[k] * w for k, w in [("loss_kd_ce", 1), ("loss_kd_l1", 5), ("loss_kd_giou", 2),
                                          ("loss_kd_ce_0", 1), ("loss_kd_l1_0", 5), ("loss_kd_giou_0", 2)])
     assert torch.isclose(loss.total(diff), want)

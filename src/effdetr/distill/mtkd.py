@@ -39,10 +39,10 @@ class MTKDLoss(nn.Module):
         self.weights = {"loss_kd_ce": ce, "loss_kd_l1": l1, "loss_kd_giou": giou}
         self.temperature = temperature
 
-    def forward(self, student: dict, teacher: dict, **_) -> dict[str, Tensor]:
+    def forward(self, student_out: dict, teacher_out: dict, **_) -> dict[str, Tensor]:
         """Unweighted KD losses of the last layer and (suffix _i) each auxiliary layer."""
-        losses = kd_terms(student, teacher, self.temperature)
-        for i, (s, t) in enumerate(zip(student.get("aux_outputs", []), teacher.get("aux_outputs", []))):
+        losses = kd_terms(student_out, teacher_out, self.temperature)
+        for i, (s, t) in enumerate(zip(student_out.get("aux_outputs", []), teacher_out.get("aux_outputs", []))):
             losses.update({f"{k}_{i}": v for k, v in kd_terms(s, t, self.temperature).items()})
         return losses
 
