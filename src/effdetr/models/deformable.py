@@ -199,19 +199,19 @@ class DeformableDETR(nn.Module):
         an encoded image (DETRDistill's teacher-assisted stream); ``log_scale`` is unused."""
         if self.two_stage:
             raise ValueError("a two-stage model draws its queries from the image; it cannot decode given queries")
-        b = context["memory"].shape[0]
-        query_pos, tgt = queries.split(self.dim, dim=-1)
-        query_pos, tgt = query_pos.expand(b, -1, -1), tgt.expand(b, -1, -1)
-        return self.decode_queries(context, tgt, query_pos, self.reference(query_pos).sigmoid())[0]
+        return self.decode_queries(context, *self.learned_queries(queries, context["memory"].shape[0]))[0]
+
+    def learned_queries(self, embed: Tensor, batch: int):
+        """Query embeddings [Q, 2C] -> (content, positional, initial references) per image."""
+        query_pos, tgt = embed.split(self.dim, dim=-1)
+        query_pos, tgt = query_pos.expand(batch, -1, -1), tgt.expand(batch, -1, -1)
+        return tgt, query_pos, self.reference(query_pos).sigmoid()
 
     def decoder_queries(self, memory: Tensor, out: dict, anchors: Tensor | None = None, usable: Tensor | None = None):
         """-> (content queries, positional queries, initial references in sigmoid space);
         two-stage takes the token anchors (0 where unusable) and their usable mask."""
-        b = memory.shape[0]
         if not self.two_stage:
-            query_pos, tgt = self.query_embed.weight.split(self.dim, dim=1)
-            query_pos, tgt = query_pos.expand(b, -1, -1), tgt.expand(b, -1, -1)
-            return tgt, query_pos, self.reference(query_pos).sigmoid()
+            return self.learned_queries(self.query_embed.weight, memory.shape[0])
         mem = self.proposal_norm(self.proposal_proj(memory.masked_fill(~usable[..., None], 0.0)))
         logits = self.enc_class(mem).masked_fill(~usable[..., None], _MASKED_LOGIT)
         coords = self.enc_box(mem) + anchors

@@ -65,7 +65,7 @@ class DETR(nn.Module):
         src = self.input_proj(feats)
         flat_pos, padding = pos.flatten(2).transpose(1, 2), fmask.flatten(1)
         memory = self.transformer.encode(src.flatten(2).transpose(1, 2), padding, flat_pos)
-        context = {"memory": memory, "pos": flat_pos, "fmask": fmask}
+        context = {"memory": memory, "pos": flat_pos, "fmask": fmask, "padding": padding}
         out = self.decode(context, self.query_embed.weight, self.log_scale)
         out.update(memory=memory, padding=padding, context=context)
         return out
@@ -80,7 +80,7 @@ class DETR(nn.Module):
         if log_scale is None:
             log_scale = self.log_scale
         bias = self.spatial_bias(ref, fmask, log_scale) if log_scale is not None else None
-        hs = self.transformer.decode(memory, fmask.flatten(1), context["pos"], queries, bias)
+        hs = self.transformer.decode(memory, context["padding"], context["pos"], queries, bias)
         logits = self.class_embed(hs)
         raw = self.bbox_embed(hs)
         if ref is not None:

@@ -92,15 +92,6 @@ class Transformer(nn.Module):
             src = layer(src, pos, mask)
         return self.enc_norm(src)
 
-    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor, cross_bias: Tensor | None = None):
-        """src [B,C,H,W], mask [B,H,W], query_embed [Q,C], pos [B,C,H,W], cross_bias (optional
-        decoder cross-attention logit bias [B,1,Q,HW]) ->
-        (hs [L_dec,B,Q,C] normed decoder outputs per layer, memory [B,HW,C])."""
-        src, pos = src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2)
-        mask = mask.flatten(1)
-        memory = self.encode(src, mask, pos)
-        return self.decode(memory, mask, pos, query_embed, cross_bias), memory
-
     def decode(self, memory: Tensor, mask: Tensor, pos: Tensor, query_embed: Tensor,
                cross_bias: Tensor | None = None) -> Tensor:
         """memory/pos [B,N,C], mask [B,N], query_embed [Q,C] or per image [B,Q,C] -> hs [L,B,Q,C]."""
