@@ -38,6 +38,12 @@ def test_backbone_weights_errors(tmp_path, tiny_cfg):
     torch.save({"model": {}}, tmp_path / "empty.pt")
     with pytest.raises(ValueError, match="empty.pt: backbone checkpoint lacks"):
         load_backbone_weights(body, str(tmp_path / "empty.pt"))
+    # equal stage widths: stride 16 has a layer3 shortcut that the stride-8 trunk does not
+    import dataclasses
+    same = dataclasses.replace(tiny_cfg.model.backbone, dilation=True, channels=[8, 16, 16, 32])
+    torch.save({"model": Backbone(same).body.state_dict()}, tmp_path / "s16.pt")
+    with pytest.raises(ValueError, match=r"s16.pt: backbone checkpoint has 6 trunk tensors .*layer3.0.downsample"):
+        load_backbone_weights(Backbone(dataclasses.replace(same, dilate_layer3=True)).body, str(tmp_path / "s16.pt"))
 
 
 def test_bad_params_fail_before_compute(tmp_path, capsys):

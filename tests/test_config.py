@@ -58,6 +58,12 @@ def test_repo_params_are_valid():
     (lambda r: r["speed"].update(experiment="detr_dc5"), "speed.experiment", "swept eval-only"),
     (lambda r: r["profiles"]["synth"]["model"].update(spatial_prior=True, box_reference=False),
      "profiles.synth.model.spatial_prior", "needs model.box_reference"),
+    (lambda r: r["experiments"]["detr_dc5"].update(overrides={"model": {"backbone": {"dilation": False,
+                                                                                       "dilate_layer3": True}}}),
+     "experiments.detr_dc5(profile synth).model.backbone.dilate_layer3", "needs model.backbone.dilation: true"),
+    (lambda r: r["experiments"]["deformable_detr_topk"].update(overrides={"model": {
+        "arch": "deformable", "backbone": {"dilation": True, "dilate_layer3": True}}}),
+     "experiments.deformable_detr_topk(profile synth).model.backbone.dilate_layer3", "needs model.arch: detr"),
     # Deformable / Sparse DETR
     (lambda r: r["profiles"]["synth"]["model"].update(sparse={"rho": 0.1}), "profiles.synth.model.sparse.rho",
      "needs model.arch: deformable"),
@@ -109,6 +115,10 @@ def test_repo_params_are_valid():
     (lambda r: r["experiments"].update(stu={
         "paper": "detrdistill", "table": "detrdistill_main", "overrides": {"model": {"backbone": {"dilation": False}}},
         "distill": {"teacher": "detr_dc5", "method": "detrdistill"}}),
+     "experiments.stu(profile synth).distill.detrdistill.feature", "same feature tokens"),
+    (lambda r: r["experiments"].update(stu={
+        "paper": "detrdistill", "table": "detrdistill_main", "overrides": {"model": {"backbone": {
+            "dilation": True, "dilate_layer3": True}}}, "distill": {"teacher": "detr_dc5", "method": "detrdistill"}}),
      "experiments.stu(profile synth).distill.detrdistill.feature", "same feature tokens"),
 ])
 def test_invalid_params_name_key_and_file(raw, tmp_path, mutate, path, msg):

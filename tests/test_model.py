@@ -106,3 +106,23 @@ def test_box_reference_starts_boxes_at_the_references(tiny_cfg):
     ref = m.reference(m.query_embed.weight).sigmoid()
     torch.testing.assert_close(out["pred_boxes"][0, :, :2], ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["pred_boxes"][..., 2:], torch.full_like(out["pred_boxes"][..., 2:], 0.5))
+
+
+def test_stride8_backbone_is_the_dc5_trunk_evaluated_twice_as_densely(tiny_cfg):
+    """``dilate_layer3`` (the "algorithme a trous"): same weights, and the stride-8 map
+    sampled at even positions is exactly the stride-16 DC5 map."""
+    import dataclasses
+
+    from effdetr.models.backbone import Backbone
+    torch.manual_seed(0)
+    cfg16 = dataclasses.replace(tiny_cfg.model.backbone, dilation=True, dilate_layer3=False, channels=[8, 16, 32, 64])
+    b16 = Backbone(cfg16).eval()
+    b8 = Backbone(dataclasses.replace(cfg16, dilate_layer3=True)).eval()
+    b8.load_state_dict(b16.state_dict())  # pretrained trunks transfer unchanged
+    assert (b16.stride, b8.stride) == (16, 8)
+    images, mask = batch(tiny_cfg, h=88, w=104)
+    with torch.no_grad():
+        (f16, m16), (f8, m8) = b16(images, mask), b8(images, mask)
+    assert f8.shape[-2:] == (11, 13) and m8.shape == (2, 11, 13)
+    torch.testing.assert_close(f8[..., ::2, ::2], f16, rtol=1e-5, atol=1e-5)
+    assert not m8[0].any() and m8[1, :, -1].all() and not m8[1, :, 0].any()

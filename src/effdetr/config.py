@@ -95,6 +95,7 @@ class BackboneConfig:
     pretrained: str = _f("imagenet", doc="'imagenet' (timm weights), 'none', 'pipeline' (the DAG's "
                          "pretrain_backbone stage), or a checkpoint path")
     dilation: bool = _f(False, doc="DC5: dilate the last stage (stride 16)")
+    dilate_layer3: bool = _f(False, doc="also dilate the third stage (output stride 8; needs dilation)")
     freeze_bn: bool = True
     train_stem_and_layer1: bool = False
     channels: Optional[list[int]] = _f(None, doc="stage widths for the small 'tiny' backbone")
@@ -587,11 +588,11 @@ def _check_detrdistill_pair(teacher: ModelConfig, student: ModelConfig, dd: DETR
         raise ConfigError(file, f"{path}.teacher", f"teacher arch {teacher.arch!r} and student arch "
                           f"{student.arch!r} differ; DETRDistill's class terms need one family")
     if dd.feature > 0:
-        layout = lambda m: (m.backbone.name, m.backbone.dilation, m.deformable.num_levels,  # noqa: E731
-                            m.deformable.skip_finest)
+        layout = lambda m: (m.backbone.name, m.backbone.dilation, m.backbone.dilate_layer3,  # noqa: E731
+                            m.deformable.num_levels, m.deformable.skip_finest)
         if layout(teacher) != layout(student):
             raise ConfigError(file, f"{path}.detrdistill.feature", "feature distillation needs the same feature "
-                              f"tokens in teacher and student (backbone name/dilation, levels): teacher "
+                              f"tokens in teacher and student (backbone name/dilation/dilate_layer3, levels): teacher "
                               f"{layout(teacher)}, student {layout(student)}")
     if dd.assignment > 0:
         two_stage = [who for who, m in (("teacher", teacher), ("student", student))
@@ -626,6 +627,12 @@ def _profile_from_dict(d: dict, file, path) -> ProfileConfig:
                           "centred on each query's reference point)")
     if m.hidden_dim % m.nheads:
         raise ConfigError(file, f"{path}.model.nheads", f"hidden_dim {m.hidden_dim} is not divisible by {m.nheads}")
+    if m.backbone.dilate_layer3 and not m.backbone.dilation:
+        raise ConfigError(file, f"{path}.model.backbone.dilate_layer3", "needs model.backbone.dilation: true "
+                          "(stride 8 dilates the third stage on top of DC5's fourth)")
+    if m.backbone.dilate_layer3 and m.arch != "detr":
+        raise ConfigError(file, f"{path}.model.backbone.dilate_layer3", "is for single-scale DETR; the multi-scale "
+                          "detectors take C3-C5 at strides 8/16/32 (needs model.arch: detr)")
     if m.deformable.skip_finest and m.arch != "deformable":
         raise ConfigError(file, f"{path}.model.deformable.skip_finest", "needs model.arch: deformable")
     lite_set = {k for k, v in dataclasses.asdict(m.lite).items() if v != getattr(LiteConfig(), k)}

@@ -35,9 +35,14 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
+def output_stride_of(cfg) -> int:
+    """32 as published, 16 for DC5 (last stage dilated), 8 with the third stage dilated too."""
+    return 8 if cfg.dilate_layer3 else 16 if cfg.dilation else 32
+
+
 def _make_resnet(cfg) -> ResNet:
     norm = FrozenBatchNorm2d if cfg.freeze_bn else nn.BatchNorm2d
-    output_stride = 16 if cfg.dilation else 32
+    output_stride = output_stride_of(cfg)
     if cfg.name == "tiny":
         channels = tuple(cfg.channels or (32, 64, 128, 256))
         return ResNet(BasicBlock, (1, 1, 1, 1), channels=channels, stem_width=channels[0] // 2,
@@ -55,7 +60,7 @@ class Backbone(nn.Module):
         # channels_last: ~1.7x faster convolutions on CPU (oneDNN), neutral on GPU.
         self.body = _make_resnet(cfg).to(memory_format=torch.channels_last)
         self.num_channels = self.body.num_features
-        self.stride = 16 if cfg.dilation else 32
+        self.stride = output_stride_of(cfg)
         if cfg.pretrained not in ("imagenet", "none", "pipeline"):
             load_backbone_weights(self.body, cfg.pretrained)
         for name, p in self.body.named_parameters():
@@ -99,3 +104,10 @@ def load_backbone_weights(body: nn.Module, path: str) -> None:
     missing, unexpected = body.load_state_dict(state, strict=False)
     if missing:
         raise ValueError(f"{path}: backbone checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    # Trunk tensors this trunk has no place for mean another layout (e.g. a stride-16 shortcut
+    # that dilate_layer3 removes when two stages have equal widths); dropping them would
+    # silently change the function. Other prefixes (a detector's heads) are not the trunk's.
+    extra = [k for k in unexpected if k.split(".")[0] in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")]
+    if extra:
+        raise ValueError(f"{path}: backbone checkpoint has {len(extra)} trunk tensors this backbone lacks, "
+                         f"e.g. {extra[:3]} (model.backbone layout differs: channels, dilation, dilate_layer3)")
