@@ -56,6 +56,14 @@ def test_repo_params_are_valid():
     (lambda r: r["experiments"]["act"]["overrides"]["model"].update(encoder_attention="lsh"),
      "model.encoder_attention", "not one of"),
     (lambda r: r["speed"].update(experiment="detr_dc5"), "speed.experiment", "swept eval-only"),
+    # init_from: the referenced experiment must build the same weights (kernels may differ)
+    (lambda r: r["experiments"]["act"]["overrides"]["model"].update(hidden_dim=48),
+     "experiments.act.sweep.values[0] (act_L32, model.act.rounds)(profile synth).init_from",
+     "'detr_dc5' trains model.hidden_dim = 32 but this experiment builds 48"),
+    (lambda r: r["experiments"]["detr_dc5"].update(profile_overrides={"synth": {"model": {"backbone": {
+        "dilate_layer3": True}}}}),
+     "experiments.act.sweep.values[0] (act_L32, model.act.rounds)(profile synth).init_from",
+     "trains model.backbone.dilate_layer3 = True but this experiment builds False"),
     (lambda r: r["profiles"]["synth"]["model"].update(spatial_prior=True, box_reference=False),
      "profiles.synth.model.spatial_prior", "needs model.box_reference"),
     (lambda r: r["experiments"]["detr_dc5"].update(overrides={"model": {"backbone": {"dilation": False,

@@ -122,7 +122,7 @@ def test_stride8_backbone_is_the_dc5_trunk_evaluated_twice_as_densely(tiny_cfg):
     assert (b16.stride, b8.stride) == (16, 8)
     images, mask = batch(tiny_cfg, h=88, w=104)
     with torch.no_grad():
-        (f16, m16), (f8, m8) = b16(images, mask), b8(images, mask)
+        (f16, _), (f8, m8) = b16(images, mask), b8(images, mask)
     assert f8.shape[-2:] == (11, 13) and m8.shape == (2, 11, 13)
     torch.testing.assert_close(f8[..., ::2, ::2], f16, rtol=1e-5, atol=1e-5)
     assert not m8[0].any() and m8[1, :, -1].all() and not m8[1, :, 0].any()

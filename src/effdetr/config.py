@@ -495,6 +495,9 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
                 i = [sweep_name(source, raw_sweep, v) for v in e.sweep.values].index(name)
                 where += f".sweep.values[{i}] ({name}, {e.sweep.key})"
             student = _profile_from_dict(merged, file, f"{where}(profile {pname})")
+            if e.init_from:
+                _check_init_architecture(student.model, e.init_from, params, expanded, pname, file,
+                                         f"{where}(profile {pname}).init_from")
             if e.distill and e.distill.method == "detrdistill":
                 t_exp = build(ExperimentConfig, expanded[e.distill.teacher][1], file, f"experiments.{e.distill.teacher}")
                 t_merged = deep_merge(deep_merge(params.profiles[pname], t_exp.overrides),
@@ -561,6 +564,29 @@ def expand_experiments(experiments: dict, file) -> dict[str, tuple[str, dict]]:
     return out
 
 
+# Model fields that may differ between a checkpoint and the config using it: they change how
+# trained weights are used (ACT's drop-in kernels), never which weights exist.
+INFERENCE_ONLY = ("encoder_attention", "act")
+
+
+def architecture(model: dict) -> dict:
+    """The part of a model config (as a dict) that fixes its weights."""
+    out = {k: v for k, v in model.items() if k not in INFERENCE_ONLY}
+    out["backbone"] = {k: v for k, v in model.get("backbone", {}).items() if k != "pretrained"}
+    return out
+
+
+def first_difference(a, b, prefix: str = ""):
+    """(dotted key, a's value, b's value) of the first nested difference, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return (prefix.rstrip("."), a, b) if a != b else None
+
+
 def _check_references(name: str, source: str, e: ExperimentConfig, expanded: dict, file) -> None:
     """init_from / distill.teacher must name a trained experiment (not this one); an
     eval-only experiment must say which weights it evaluates."""
@@ -580,6 +606,20 @@ def _check_references(name: str, source: str, e: ExperimentConfig, expanded: dic
                           "an eval-only experiment must name the trained experiment it evaluates")
     if e.distill and "train" not in e.stages:
         raise ConfigError(file, f"experiments.{source}.distill", "distillation needs a train stage")
+
+
+def _check_init_architecture(model: ModelConfig, ref: str, params: Params, expanded: dict, pname: str,
+                             file, path) -> None:
+    """An experiment starting from (or evaluating) ``ref``'s weights must build the same
+    weights: caught here, before ``ref`` trains, not when its checkpoint fails to load."""
+    r_exp = build(ExperimentConfig, expanded[ref][1], file, f"experiments.{ref}")
+    r_merged = deep_merge(deep_merge(params.profiles[pname], r_exp.overrides), r_exp.profile_overrides.get(pname, {}))
+    r_model = _profile_from_dict(r_merged, file, f"experiments.{ref}(profile {pname})").model
+    diff = first_difference(architecture(dataclasses.asdict(model)), architecture(dataclasses.asdict(r_model)))
+    if diff:
+        key, mine, theirs = diff
+        raise ConfigError(file, path, f"{ref!r} trains model.{key} = {theirs!r} but this experiment builds "
+                          f"{mine!r}; its weights would not fit (only {', '.join(INFERENCE_ONLY)} may differ)")
 
 
 def _check_detrdistill_pair(teacher: ModelConfig, student: ModelConfig, dd: DETRDistillConfig, file, path) -> None:

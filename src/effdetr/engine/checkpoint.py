@@ -37,29 +37,18 @@ def load_model_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-# Fields that may differ between a checkpoint and the config evaluating it: they change how
-# the trained weights are used (ACT's drop-in kernels), never which weights exist.
-INFERENCE_ONLY = ("encoder_attention", "act")
-
-
-def _arch(cfg: dict) -> dict:
-    out = {k: v for k, v in cfg.items() if k not in INFERENCE_ONLY}
-    out["backbone"] = {k: v for k, v in cfg.get("backbone", {}).items() if k != "pretrained"}
-    return out
-
-
 def load_compatible_checkpoint(path: str | Path, model_cfg=None):
     """(checkpoint, config to build): ``model_cfg`` (an experiment's ModelConfig, e.g. with
     ACT kernels) after checking it has the checkpoint's architecture, or the stored config;
     errors name the file and the first differing field."""
     import dataclasses
 
-    from ..config import ModelConfig, build
+    from ..config import ModelConfig, architecture, build, first_difference
     ckpt = load_model_checkpoint(path)
     stored = build(ModelConfig, ckpt["model_config"], path, "model_config")
     if model_cfg is None:
         return ckpt, stored
-    diff = _first_difference(_arch(dataclasses.asdict(model_cfg)), _arch(dataclasses.asdict(stored)))
+    diff = first_difference(architecture(dataclasses.asdict(model_cfg)), architecture(dataclasses.asdict(stored)))
     if diff:
         key, a, b = diff
         raise ValueError(f"{path}: model_config.{key} is {b!r} but the experiment needs {a!r} "
@@ -81,13 +70,3 @@ def build_trained_model(path: str | Path, model_cfg=None):
         raise ValueError(f"{path}: model weights do not fit model_config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model, ckpt
-
-
-def _first_difference(a, b, prefix: str = ""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
-    return (prefix.rstrip("."), a, b) if a != b else None
