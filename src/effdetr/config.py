@@ -476,6 +476,7 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
         raise ConfigError(file, "profile", f"{params.profile!r} has no entry under profiles "
                           f"(have: {sorted(params.profiles)})")
     expanded = expand_experiments(params.experiments, file)
+    resolved: dict[tuple[str, str], tuple[ExperimentConfig, str, ProfileConfig]] = {}
     for name, (source, exp) in expanded.items():
         e = build(ExperimentConfig, exp, file, f"experiments.{source}")
         for stage in e.stages:
@@ -486,25 +487,24 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
                 raise ConfigError(file, f"experiments.{source}.profile_overrides.{pname}",
                                   "no such profile")
         _check_references(name, source, e, expanded, file)
+        where = f"experiments.{source}"
+        if e.sweep:
+            raw_sweep = params.experiments[source]["sweep"]
+            i = [sweep_name(source, raw_sweep, v) for v in e.sweep.values].index(name)
+            where += f".sweep.values[{i}] ({name}, {e.sweep.key})"
         for pname in params.profiles:
             merged = deep_merge(deep_merge(params.profiles[pname], e.overrides),
                                 e.profile_overrides.get(pname, {}))
-            where = f"experiments.{source}"
-            if e.sweep:
-                raw_sweep = params.experiments[source]["sweep"]
-                i = [sweep_name(source, raw_sweep, v) for v in e.sweep.values].index(name)
-                where += f".sweep.values[{i}] ({name}, {e.sweep.key})"
-            student = _profile_from_dict(merged, file, f"{where}(profile {pname})")
-            if e.init_from:
-                _check_init_architecture(student.model, e.init_from, params, expanded, pname, file,
-                                         f"{where}(profile {pname}).init_from")
-            if e.distill and e.distill.method == "detrdistill":
-                t_exp = build(ExperimentConfig, expanded[e.distill.teacher][1], file, f"experiments.{e.distill.teacher}")
-                t_merged = deep_merge(deep_merge(params.profiles[pname], t_exp.overrides),
-                                      t_exp.profile_overrides.get(pname, {}))
-                teacher = _profile_from_dict(t_merged, file, f"experiments.{e.distill.teacher}(profile {pname})")
-                _check_detrdistill_pair(teacher.model, student.model, e.distill.detrdistill, file,
-                                        f"experiments.{source}(profile {pname}).distill")
+            where_p = f"{where}(profile {pname})"
+            resolved[name, pname] = e, where_p, _profile_from_dict(merged, file, where_p)
+    # Pairs (weights reused, teacher distilled), now that every experiment resolved alone.
+    for (name, pname), (e, where_p, prof) in resolved.items():
+        if e.init_from:
+            _check_init_architecture(prof.model, resolved[e.init_from, pname][2].model, e.init_from, file,
+                                     f"{where_p}.init_from")
+        if e.distill and e.distill.method == "detrdistill":
+            _check_detrdistill_pair(resolved[e.distill.teacher, pname][2].model, prof.model, e.distill.detrdistill,
+                                    file, f"experiments.{expanded[name][0]}(profile {pname}).distill")
     if params.speed is not None:
         src = params.experiments.get(params.speed.experiment)
         if not isinstance(src, dict) or not src.get("sweep") or not src.get("init_from") \
@@ -608,14 +608,10 @@ def _check_references(name: str, source: str, e: ExperimentConfig, expanded: dic
         raise ConfigError(file, f"experiments.{source}.distill", "distillation needs a train stage")
 
 
-def _check_init_architecture(model: ModelConfig, ref: str, params: Params, expanded: dict, pname: str,
-                             file, path) -> None:
+def _check_init_architecture(model: ModelConfig, ref_model: ModelConfig, ref: str, file, path) -> None:
     """An experiment starting from (or evaluating) ``ref``'s weights must build the same
     weights: caught here, before ``ref`` trains, not when its checkpoint fails to load."""
-    r_exp = build(ExperimentConfig, expanded[ref][1], file, f"experiments.{ref}")
-    r_merged = deep_merge(deep_merge(params.profiles[pname], r_exp.overrides), r_exp.profile_overrides.get(pname, {}))
-    r_model = _profile_from_dict(r_merged, file, f"experiments.{ref}(profile {pname})").model
-    diff = first_difference(architecture(dataclasses.asdict(model)), architecture(dataclasses.asdict(r_model)))
+    diff = first_difference(architecture(dataclasses.asdict(model)), architecture(dataclasses.asdict(ref_model)))
     if diff:
         key, mine, theirs = diff
         raise ConfigError(file, path, f"{ref!r} trains model.{key} = {theirs!r} but this experiment builds "
