@@ -64,27 +64,44 @@ def search_runs(base: str, experiment: str) -> list[dict]:
 
 @pytest.fixture
 def mlflow_server(workdir):
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    """Call it to start `mlflow server` on the test's store and get its URL once healthy.
+
+    Started after the DAG, not beside it: a server that finds no store creates the schema
+    itself, racing the DAG's own initialisation of the same sqlite file. Its output goes to
+    mlflow_server.log, quoted when it does not come up."""
+    procs = []
+
+    def start() -> str:
+        port, log = free_port(), workdir / "mlflow_server.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri",
+                                     os.environ["MLFLOW_TRACKING_URI"], "--host", "127.0.0.1",
+                                     "--port", str(port), "--workers", "1"],
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, proc, log)
+        return base
+
     try:
-        yield base
+        yield start
     finally:
-        os.killpg(proc.pid, 9)
+        for proc in procs:
+            os.killpg(proc.pid, 9)
 
 
-def wait_healthy(base, timeout=60):
+def wait_healthy(base, proc, log, timeout=60):
     t0 = time.time()
-    while time.time() - t0 < timeout:
+    while time.time() - t0 < timeout and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise AssertionError("mlflow server did not become healthy")
+    state = "still starting" if proc.poll() is None else f"exited with {proc.returncode}"
+    tail = log.read_text()[-2000:]
+    raise AssertionError(f"mlflow server not healthy after {time.time() - t0:.0f}s ({state}); log:\n{tail}")
 
 
 def test_tiny_dag_end_to_end(workdir, mlflow_server):
@@ -126,8 +143,8 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     assert (workdir / "reports/figures/sparse_ap_vs_gflops.png").stat().st_size > 1000
 
     # Every stage left an MLflow run, visible through a real server.
-    wait_healthy(mlflow_server)
-    runs = search_runs(mlflow_server, "effdetr-test")
+    server = mlflow_server()
+    runs = search_runs(server, "effdetr-test")
     stages_logged = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "stage") for r in runs)
     assert stages_logged == sorted(["data", "pretrain"] + ["train"] * 5 + ["eval"] * 8 + ["speed", "flops", "report"])
     train_run = next(r for r in runs if r["info"]["run_name"] == "train-detr_dc5")
