@@ -60,7 +60,7 @@ def test_matches_per_cluster_reference_with_padding(rounds, width):
     mask[1, -7:] = True
     kernel = ACTAttentionKernel(head_dim=d, rounds=rounds, bucket_width=width, seed=11)
     out = kernel(q, k, v, mask)
-    codes = kernel.hash(q)
+    codes = kernel.hash(q / math.sqrt(d))
     # padding queries never share a prototype with real ones
     codes = torch.cat([codes, mask[:, None, :, None].expand(b, h, n, 1).long()], -1)
     ref = clustered_reference(q, k, v, codes, mask)
@@ -75,7 +75,7 @@ def test_more_rounds_refine_the_partition():
     labels, counts = [], []
     for rounds in (4, 8, 16, 32):
         kernel = ACTAttentionKernel(head_dim=16, rounds=rounds, bucket_width=16.0, seed=0)
-        codes = kernel.hash(q).reshape(4, 200, rounds)
+        codes = kernel.hash(q / 4.0).reshape(4, 200, rounds)
         labels.append(group_rows(codes)[0])
         kernel(q, q, q, None)
         counts.append(kernel.last_counts)
@@ -130,3 +130,38 @@ def test_gradients_flow_through_prototypes():
     v = torch.randn(1, 2, 12, 4, dtype=torch.float64, requires_grad=True)
     kernel = ACTAttentionKernel(4, 4, 1.5, seed=0)
     assert torch.autograd.gradcheck(lambda a, b_, c: kernel(a, b_, c, None), (q, k, v))
+
+
+def test_hashes_the_scaled_query_as_the_official_code():
+    """The official layer multiplies q by 1/sqrt(d_head) before E2LSH; with r = 8 and d = 64
+    the unscaled query would spread over ~8x more buckets per round."""
+    torch.manual_seed(5)
+    b, h, n, d, width = 1, 2, 50, 64, 8.0
+    q = torch.randn(b, h, n, d)
+    kernel = ACTAttentionKernel(head_dim=d, rounds=4, bucket_width=width, seed=2)
+    kernel(q, q, q, None)
+    proj, offset = kernel.hash.proj, kernel.hash.offset  # [d, L], [L]
+    codes = torch.floor(((q.double() / math.sqrt(d)) @ proj + offset) / width).long()
+    expected = torch.tensor([[len({tuple(r) for r in codes[0, j].tolist()}) for j in range(h)]])
+    assert torch.equal(kernel.last_counts, expected)
+    unscaled = torch.floor((q.double() @ proj + offset) / width).long()
+    assert len({tuple(r) for r in unscaled[0, 0].tolist()}) > expected[0, 0]  # the check can tell them apart
+
+
+@pytest.mark.parametrize("kind", ["act", "kmeans"])
+def test_large_clusters_average_in_fp32_under_bf16(kind):
+    """600 queries in one prototype: bf16 sums and counts (which stop at 256) would give a
+    wrong mean; the official kernel accumulates in fp32."""
+    torch.manual_seed(6)
+    n, d = 600, 8
+    q = (torch.randn(1, 1, n, d) + 3.0).bfloat16()
+    k, v = torch.randn(1, 1, 9, d).bfloat16(), torch.randn(1, 1, 9, d).bfloat16()
+    if kind == "act":
+        kernel = ACTAttentionKernel(head_dim=d, rounds=2, bucket_width=1e9, seed=0)
+    else:
+        kernel = KMeansAttentionKernel(head_dim=d, rounds=2, bucket_width=1e9, seed=0, iters=2)
+    out = kernel(q, k, v, None)
+    assert int(kernel.last_counts.max()) == 1
+    proto = q.double().mean(2, keepdim=True)
+    ref = dense_reference(proto, k.double(), v.double()).expand(1, 1, n, d)
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)

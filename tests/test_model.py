@@ -10,7 +10,8 @@ from effdetr.ops.attention import DenseAttentionKernel
 class ReferenceKernel(torch.nn.Module):
     """Plain softmax attention, float64, written out."""
 
-    def forward(self, q, k, v, key_padding_mask):
+    def forward(self, q, k, v, key_padding_mask, dropout_p=0.0):
+        assert dropout_p == 0.0, "the reference is for eval mode"
         s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if key_padding_mask is not None:
             s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
@@ -126,3 +127,48 @@ def test_stride8_backbone_is_the_dc5_trunk_evaluated_twice_as_densely(tiny_cfg):
     assert f8.shape[-2:] == (11, 13) and m8.shape == (2, 11, 13)
     torch.testing.assert_close(f8[..., ::2, ::2], f16, rtol=1e-5, atol=1e-5)
     assert not m8[0].any() and m8[1, :, -1].all() and not m8[1, :, 0].any()
+
+
+def test_position_encoding_offset_follows_each_official_code():
+    """DETR normalises y / y_max (facebookresearch/detr), Deformable DETR (y - 0.5) / y_max;
+    channel 0 of each is sin(2 pi * normalised y / 1)."""
+    from effdetr.models.deformable import DeformableDETR
+    from effdetr.models.detr import DETR
+    from effdetr.models.position import PositionEmbeddingSine
+    mask = torch.zeros(1, 5, 7, dtype=torch.bool)
+    mask[:, 4:, :] = True  # 4 valid rows
+    y = torch.arange(1, 5, dtype=torch.float32)
+    for offset, expected in ((0.0, y / 4), (-0.5, (y - 0.5) / 4)):
+        pos = PositionEmbeddingSine(16, offset=offset)(mask)
+        torch.testing.assert_close(pos[0, 0, :4, 0], torch.sin(expected / (4 + 1e-6) * 4 * 2 * math.pi), atol=1e-5,
+                                   rtol=0)
+    from effdetr.config import experiment_config
+    from tests.conftest import TINY
+    detr = build_model(experiment_config(TINY, "detr_dc5")[0].model)
+    deformable = build_model(experiment_config(TINY, "deformable_detr_topk")[0].model)
+    assert isinstance(detr, DETR) and detr.position.offset == 0.0
+    assert isinstance(deformable, DeformableDETR) and deformable.position.offset == -0.5
+
+
+def test_attention_dropout_sits_where_the_official_layers_have_it(tiny_cfg):
+    """nn.MultiheadAttention(dropout=0.1) in DETR's encoder/decoder attentions: probabilities
+    are dropped in training only."""
+    import dataclasses
+    cfg = dataclasses.replace(tiny_cfg.model, dropout=0.3)
+    m = build_model(cfg)
+    attns = [l.self_attn for l in m.transformer.encoder] + \
+        [a for l in m.transformer.decoder for a in (l.self_attn, l.cross_attn)]
+    assert attns and all(a.dropout == 0.3 for a in attns)
+    attn = attns[0]
+    x = torch.randn(2, 9, cfg.hidden_dim)
+    attn.train()
+    torch.manual_seed(0)
+    a = attn(x, x, x)
+    torch.manual_seed(1)
+    b = attn(x, x, x)
+    assert not torch.allclose(a, b)
+    attn.eval()
+    dense = attn(x, x, x)
+    attn.dropout = 0.0
+    attn.train()
+    torch.testing.assert_close(attn(x, x, x), dense)

@@ -135,7 +135,7 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     sp = json.loads((workdir / "reports/metrics/sparse_detr_rho0p3/eval.json").read_text())["stats"]
     dd = json.loads((workdir / "reports/metrics/deformable_detr_topk/eval.json").read_text())["stats"]
     assert sp["encoder_kept_tokens"] < sp["encoder_tokens"] == dd["encoder_tokens"]
-    assert sp["gmacs_encoder"] < dd["gmacs_encoder"] and sp["fps"] > 0
+    assert sp["gmacs_encoder"] < dd["gmacs_encoder"] and sp["fps_b1"] > 0
     sparse_table = (workdir / "reports/tables/sparse_main.md").read_text()
     assert "| Sparse DETR (rho=0.3) | AP | 46.00 |" in sparse_table
     assert "sparse_detr_r50_rho0p1" in (workdir / "reports/metrics/flops.json").read_text()

@@ -154,17 +154,19 @@ def cmd_eval(args) -> None:
     model, ckpt = build_trained_model(args.checkpoint, cfg.model)
     device = resolve_device(cfg.train.device)
     model.to(device)
+    precision = "bf16" if cfg.eval.amp and device.type == "cuda" else "fp32"  # autocast is CUDA-only here
     with Run(params.tracking.experiment, f"eval-{args.experiment}",
-             _tags("eval", exp.paper, exp.table, phash, args.experiment, params.profile),
+             _tags("eval", exp.paper, exp.table, phash, args.experiment, params.profile) | {"precision": precision},
              {"experiment": C.to_dict(cfg), "checkpoint": args.checkpoint}) as run:
         torch.manual_seed(cfg.train.seed)
         stats = evaluate_dataset(model, dataset, device, cfg.eval.batch_size, cfg.eval.num_workers,
-                                 cfg.data.area_ranges, amp=cfg.train.amp,
+                                 cfg.data.area_ranges, amp=cfg.eval.amp,
                                  flops_images=cfg.eval.flops_images, fps_iters=cfg.eval.fps_iters,
-                                 fps_warmup=cfg.eval.fps_warmup)
+                                 fps_warmup=cfg.eval.fps_warmup, fps_batch_sizes=cfg.eval.fps_batch_sizes)
         run.log_metrics({k: v for k, v in stats.items() if v == v})
-        _write_json({"experiment": args.experiment, "stats": stats, "checkpoint_params_hash": ckpt.get("params_hash"),
-                     "provenance": _provenance(run, phash)}, args.out)
+        _write_json({"experiment": args.experiment, "stats": stats, "precision": precision,
+                     "checkpoint_params_hash": ckpt.get("params_hash"), "provenance": _provenance(run, phash)},
+                    args.out)
         run.log_artifact(args.out)
     print(f"[eval] {args.experiment}: " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
 
@@ -213,7 +215,7 @@ def cmd_speed(args) -> None:
     phash = C.params_hash({"speed": raw["speed"], "experiment": raw["experiments"][sp.experiment]})
     with Run(params.tracking.experiment, "speed", _tags("speed", sp.paper, sp.table, phash, sp.experiment,
                                                         params.profile), {"speed": C.to_dict(sp)}) as run:
-        results = time_encoder(model, dataset, settings, sp.num_images, sp.warmup, sp.repeats, base.train.amp)
+        results = time_encoder(model, dataset, settings, sp.num_images, sp.warmup, sp.repeats, base.eval.amp)
         for label, r in results.items():
             run.log_metrics({f"{label}.{k}": v for k, v in r.items() if v is not None})
         _write_json({"results": results, "device": str(device), "environment": environment(),

@@ -91,7 +91,8 @@ class InputConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"
+    name: str = _f("resnet50.tv_in1k", doc="timm model name with its weights tag; the papers use torchvision's "
+                   "ImageNet V1 ResNet-50 (resnet50.tv_in1k); 'tiny' = the small SynthCOCO ResNet")
     pretrained: str = _f("imagenet", doc="'imagenet' (timm weights), 'none', 'pipeline' (the DAG's "
                          "pretrain_backbone stage), or a checkpoint path")
     dilation: bool = _f(False, doc="DC5: dilate the last stage (stride 16)")
@@ -116,8 +117,13 @@ class DeformableConfig:
     num_levels: int = _f(4, lo=1, hi=6, doc="backbone maps C3..C5 (the last min(n, 3 - skip_finest)) plus "
                          "stride-2 extra levels up to n")
     num_points: int = _f(4, lo=1, hi=16, doc="sampling points per head and level")
-    two_stage: bool = _f(False, doc="decoder queries = the top-k encoder tokens by a class-specific head "
-                         "(boxes = their refined anchors, content = their features)")
+    two_stage: bool = _f(False, doc="decoder queries from the top-k encoder tokens (their refined anchors "
+                         "as references)")
+    two_stage_variant: Literal["deformable_detr", "sparse_detr"] = _f(
+        "deformable_detr", doc="deformable_detr: Deformable DETR's ++two-stage (rank by the class-0 logit, "
+        "positional and content queries from one 2d->2d projection of the anchors' sine embedding); "
+        "sparse_detr: Sparse DETR's --eff_query_init --eff_specific_head (content = the top-k memory, "
+        "positional from a 2d->d projection, the scoring network reads the two-stage head's projection)")
     box_refine: bool = _f(False, doc="iterative box refinement: unshared per-layer heads move the references")
     skip_finest: int = _f(0, lo=0, hi=2, doc="leave out the finest backbone maps (1 = no C3/S4: Lite DETR's "
                           "3-scale model, with num_levels: 3 -> C4, C5 + one extra level)")
@@ -217,8 +223,12 @@ class EvalConfig:
     num_workers: int = _f(2, lo=0)
     max_images: Optional[int] = _f(None, lo=1)
     flops_images: int = _f(20, lo=0, doc="val images over which GFLOPs are averaged (0 = skip)")
-    fps_iters: int = _f(0, lo=0, doc="timed batch-1 forward passes of the first val image for FPS (0 = skip)")
+    fps_iters: int = _f(0, lo=0, doc="timed forward passes of the first val image per FPS batch size (0 = skip)")
     fps_warmup: int = _f(5, lo=0, doc="untimed passes before the FPS timing")
+    fps_batch_sizes: list[int] = _f(factory=lambda: [1, 4], lo=1, doc="batches the FPS is measured at (the "
+                                    "first val image repeated), as Sparse DETR's util/benchmark.py: fps_b<N>")
+    amp: bool = _f(False, doc="evaluate (AP, FLOPs, FPS) under bf16 autocast on CUDA; the papers evaluate in "
+                   "fp32, so the tables name the precision when this is on")
 
 
 @dataclass

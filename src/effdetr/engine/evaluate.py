@@ -70,7 +70,7 @@ def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, floa
 
 def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num_workers: int,
                      area_ranges, amp: bool = False, flops_images: int = 0, fps_iters: int = 0,
-                     fps_warmup: int = 0) -> dict:
+                     fps_warmup: int = 0, fps_batch_sizes: tuple[int, ...] = (1,)) -> dict:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     dets, ids, sec_per_img = predict(model, loader, device, amp)
     gt = load_coco_gt(str(dataset.ann_file))
@@ -84,5 +84,5 @@ def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num
     if flops_images:
         stats.update(mean_flops(model, dataset, flops_images))
     if fps_iters:
-        stats.update(measure_fps(model, dataset, fps_warmup, fps_iters, amp))
+        stats.update(measure_fps(model, dataset, fps_warmup, fps_iters, amp, fps_batch_sizes))
     return stats

@@ -71,23 +71,29 @@ def time_encoder(model, dataset, settings: dict[str, tuple[str, object]], num_im
 
 
 @torch.no_grad()
-def measure_fps(model, dataset, warmup: int, iters: int, amp: bool = False) -> dict[str, float]:
-    """Deformable DETR's benchmark protocol: the first val image, batch 1, ``warmup`` untimed
-    forward passes, then ``iters`` timed ones (synchronised on CUDA); no post-processing.
-    Returns fps = 1 / median latency and the latency in ms."""
+def measure_fps(model, dataset, warmup: int, iters: int, amp: bool = False,
+                batch_sizes: tuple[int, ...] = (1,)) -> dict[str, float]:
+    """Sparse DETR's ``util/benchmark.py`` protocol: the first val image repeated to each
+    batch size, ``warmup`` untimed forward passes, then ``iters`` timed ones (synchronised on
+    CUDA), no post-processing, in fp32 unless ``amp``. FPS = batch / *mean* latency, as there.
+    Returns ``fps_b<N>`` and ``latency_ms_b<N>`` per batch size, and the CPU threads used."""
     device = next(model.parameters()).device
     model.eval()
     image, _ = dataset[0]
-    images = image[None].to(device)
-    mask = torch.zeros(1, *image.shape[-2:], dtype=torch.bool, device=device)
-    times = []
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-        for i in range(warmup + iters):
-            _sync(device)
-            t0 = time.perf_counter()
-            model(images, mask)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    latency = statistics.median(times)
-    return {"fps": 1.0 / latency, "latency_ms": 1000 * latency, "fps_threads": float(torch.get_num_threads())}
+    out: dict[str, float] = {"fps_threads": float(torch.get_num_threads())}
+    for batch in batch_sizes:
+        images = image[None].expand(batch, -1, -1, -1).contiguous().to(device)
+        mask = torch.zeros(batch, *image.shape[-2:], dtype=torch.bool, device=device)
+        times = []
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            for i in range(warmup + iters):
+                _sync(device)
+                t0 = time.perf_counter()
+                model(images, mask)
+                _sync(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+        latency = statistics.fmean(times)
+        out[f"fps_b{batch}"] = batch / latency
+        out[f"latency_ms_b{batch}"] = 1000 * latency
+    return out

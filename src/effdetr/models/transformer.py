@@ -28,7 +28,7 @@ class FeedForward(nn.Module):
 class EncoderLayer(nn.Module):
     def __init__(self, dim, nheads, ffn_dim, dropout, pre_norm):
         super().__init__()
-        self.self_attn = MultiHeadAttention(dim, nheads)
+        self.self_attn = MultiHeadAttention(dim, nheads, dropout=dropout)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
@@ -47,8 +47,8 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, dim, nheads, ffn_dim, dropout, pre_norm):
         super().__init__()
-        self.self_attn = MultiHeadAttention(dim, nheads)
-        self.cross_attn = MultiHeadAttention(dim, nheads)
+        self.self_attn = MultiHeadAttention(dim, nheads, dropout=dropout)
+        self.cross_attn = MultiHeadAttention(dim, nheads, dropout=dropout)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)

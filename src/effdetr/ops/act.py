@@ -8,8 +8,12 @@ trained DETR's encoder kernels for these changes nothing in its state dict.
 ACT groups queries by E2LSH codes: ``L`` hash functions
 ``h_i(q) = floor((a_i . q + b_i) / r)`` with ``a_i ~ N(0, I)`` and ``b_i ~ U(0, r)``; two
 queries share a prototype iff all ``L`` codes agree, so the number of prototypes adapts to
-how spread the queries are (more rounds -> finer partition -> more prototypes). The paper's
-code packs the rounds into one integer (2 bits each, lossy); we group on the exact tuple.
+how spread the queries are (more rounds -> finer partition -> more prototypes). As in the
+official code, the hashed query is the *scaled* one, ``q / sqrt(d_head)`` (its attention
+layer scales q before clustering), so the bucket width ``r`` means what it means there
+(r = 8 for DETR-DC5). The paper's code packs the rounds into one integer (2 bits each,
+lossy); we group on the exact tuple. Prototype sums and sizes accumulate in fp32 under any
+autocast (the official ``weighted_sum`` kernel is fp32; bf16 counts stop at 256).
 
 Everything is vectorised over (batch x heads): prototypes are padded to the largest count
 in the batch, and the padding is masked out of nothing (it is simply never gathered back).
@@ -46,7 +50,7 @@ def group_rows(codes: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tens
 
 
 def prototype_attention(q: Tensor, k: Tensor, v: Tensor, labels: Tensor, counts: Tensor,
-                        key_padding_mask: Tensor | None) -> Tensor:
+                        key_padding_mask: Tensor | None, dropout_p: float = 0.0) -> Tensor:
     """Mean of each cluster's queries attends to all keys; outputs broadcast to members.
 
     q [B,h,N,d], k/v [B,h,Nk,d], labels [B*h,N], counts [B*h] -> [B,h,N,dv].
@@ -56,12 +60,12 @@ def prototype_attention(q: Tensor, k: Tensor, v: Tensor, labels: Tensor, counts:
     cmax = int(counts.max())
     flat = q.reshape(g * n, d)
     index = (labels + torch.arange(g, device=q.device).view(g, 1) * cmax).reshape(-1)
-    sums = torch.zeros(g * cmax, d, dtype=q.dtype, device=q.device).index_add(0, index, flat)
-    sizes = torch.zeros(g * cmax, dtype=q.dtype, device=q.device).index_add(
-        0, index, torch.ones_like(index, dtype=q.dtype))
-    protos = (sums / sizes.clamp(min=1).unsqueeze(-1)).view(b, h, cmax, d)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, as the official kernel
+    sums = torch.zeros(g * cmax, d, dtype=acc, device=q.device).index_add(0, index, flat.to(acc))
+    sizes = torch.zeros(g * cmax, dtype=acc, device=q.device).index_add(0, index, torch.ones_like(index, dtype=acc))
+    protos = (sums / sizes.clamp(min=1).unsqueeze(-1)).to(q.dtype).view(b, h, cmax, d)
     attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(protos, k, v, attn_mask=attn_mask)  # [B,h,cmax,dv]
+    out = F.scaled_dot_product_attention(protos, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # [B,h,cmax,dv]
     out = out.reshape(g, cmax, -1)
     return torch.gather(out, 1, labels.unsqueeze(-1).expand(-1, -1, out.shape[-1])).view(b, h, n, -1)
 
@@ -118,15 +122,16 @@ class ACTAttentionKernel(ClusterKernel):
         self.hash = E2LSH(head_dim, rounds, bucket_width, seed)
         self.rounds = rounds
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+                dropout_p: float = 0.0) -> Tensor:
         b, h, n, d = q.shape
-        codes = self.hash(q).reshape(b * h, n, -1)
+        codes = self.hash(q * d ** -0.5).reshape(b * h, n, -1)
         valid = None
         if key_padding_mask is not None and key_padding_mask.shape[-1] == n:
             valid = (~key_padding_mask).unsqueeze(1).expand(b, h, n).reshape(b * h, n)
         labels, counts = group_rows(codes, valid)
         self._record(counts, b, h, n, k.shape[-2], d, v.shape[-1], extra=b * h * n * d * self.rounds)
-        return prototype_attention(q, k, v, labels, counts, key_padding_mask)
+        return prototype_attention(q, k, v, labels, counts, key_padding_mask, dropout_p)
 
 
 def kmeans_labels(x: Tensor, num: Tensor, iters: int, seed: int) -> Tensor:
@@ -144,12 +149,13 @@ def kmeans_labels(x: Tensor, num: Tensor, iters: int, seed: int) -> Tensor:
         dist = torch.cdist(x.float(), centres.float())
         dist = dist.masked_fill(~slot_ok.unsqueeze(1), math.inf)
         labels = dist.argmin(-1)
-        sums = torch.zeros(g, kmax, d, dtype=x.dtype, device=x.device).scatter_add(
-            1, labels.unsqueeze(-1).expand(-1, -1, d), x)
-        sizes = torch.zeros(g, kmax, dtype=x.dtype, device=x.device).scatter_add(
-            1, labels, torch.ones_like(labels, dtype=x.dtype))
+        acc = torch.promote_types(x.dtype, torch.float32)
+        sums = torch.zeros(g, kmax, d, dtype=acc, device=x.device).scatter_add(
+            1, labels.unsqueeze(-1).expand(-1, -1, d), x.to(acc))
+        sizes = torch.zeros(g, kmax, dtype=acc, device=x.device).scatter_add(1, labels, torch.ones_like(labels, dtype=acc))
         # an empty cluster keeps its old centre
-        centres = torch.where(sizes.unsqueeze(-1) > 0, sums / sizes.clamp(min=1).unsqueeze(-1), centres)
+        means = (sums / sizes.clamp(min=1).unsqueeze(-1)).to(x.dtype)
+        centres = torch.where(sizes.unsqueeze(-1) > 0, means, centres)
     return labels
 
 
@@ -167,13 +173,14 @@ class KMeansAttentionKernel(ClusterKernel):
         self.match = ACTAttentionKernel(head_dim, rounds, bucket_width, seed)
         self.iters, self.seed = iters, seed
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+                dropout_p: float = 0.0) -> Tensor:
         b, h, n, d = q.shape
-        codes = self.match.hash(q).reshape(b * h, n, -1)
+        codes = self.match.hash(q * d ** -0.5).reshape(b * h, n, -1)
         _, target = group_rows(codes)
         labels = kmeans_labels(q.reshape(b * h, n, d), target, self.iters, self.seed)
         labels, counts = compact_labels(labels)
         cmax = int(target.max())
         self._record(counts, b, h, n, k.shape[-2], d, v.shape[-1],
                      extra=b * h * n * d * self.match.rounds + (self.iters + 1) * b * h * n * cmax * d)
-        return prototype_attention(q, k, v, labels, counts, key_padding_mask)
+        return prototype_attention(q, k, v, labels, counts, key_padding_mask, dropout_p)

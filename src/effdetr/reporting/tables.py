@@ -36,7 +36,7 @@ def experiment_values(metrics_dir: Path, name: str) -> tuple[dict, list[dict]]:
             values[k] = 100 * v if k in AP_KEYS else v
             if k.startswith("gmacs_"):  # the papers' "GFLOPs" are multiply-adds
                 values["gflops_" + k.removeprefix("gmacs_")] = v
-        prov.append({"what": f"eval {name}", **ev["provenance"]})
+        prov.append({"what": f"eval {name}", "precision": ev.get("precision", "fp32"), **ev["provenance"]})
     if tr:
         values["train_seconds"] = tr["train_seconds"]
         prov.append({"what": f"train {name}", **tr["provenance"]})
@@ -124,7 +124,10 @@ def render_markdown(tid: str, spec: dict, rows: list[list[str]], prov: list[dict
     out = io.StringIO()
     out.write(f"# {spec['title']}\n\n")
     out.write(f"Source: {spec['paper']} — paper numbers from `src/effdetr/reporting/paper/{spec['source']}`.\n")
-    out.write(f"Profile: `{context['profile']}`. AP/AR in percent; GFLOPs = GMACs (one multiply-add = one FLOP).\n\n")
+    out.write(f"Profile: `{context['profile']}`. AP/AR in percent; GFLOPs = GMACs (one multiply-add = one FLOP).\n")
+    low = sorted({p["what"].removeprefix("eval ") for p in prov if p.get("precision", "fp32") != "fp32"})
+    out.write("Evaluated in fp32, as the papers.\n\n" if not low else
+              f"Evaluated in fp32 except under bf16 autocast (eval.amp): {', '.join(low)}.\n\n")
     out.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
     for r in rows:
         out.write("| " + " | ".join(r) + " |\n")
@@ -135,7 +138,8 @@ def render_markdown(tid: str, spec: dict, rows: list[list[str]], prov: list[dict
     for p in prov:
         git = p.get("git", {})
         out.write(f"- {p['what']}: commit `{git.get('sha', '?')[:12]}`{' (dirty)' if git.get('dirty') else ''}, "
-                  f"params hash `{p.get('params_hash')}`, MLflow run `{p.get('mlflow_run_id')}`\n")
+                  f"params hash `{p.get('params_hash')}`, MLflow run `{p.get('mlflow_run_id')}`"
+                  f"{', ' + p['precision'] if 'precision' in p else ''}\n")
     out.write(f"- report: params hash `{context['params_hash']}`, MLflow run `{context['run_id']}`\n")
     return out.getvalue()
 
