@@ -67,3 +67,10 @@ def test_seed_rows_average_with_sample_sd_and_gains_use_the_means(tmp_path):
     assert judge(row, "gflops_total", None, rep, "kd").startswith("yes (+0.00 vs base)")
     rep["kd"]["gflops_total"] = 1.6
     assert judge(row, "gflops_total", None, rep, "kd").startswith("no")
+
+
+def test_converted_checkpoint_within_an_absolute_tolerance_of_the_paper():
+    row = {"label": "official", "AP": 43.3, "claims": [{"metric": "AP", "abs_tol": 0.2}]}
+    assert judge(row, "AP", 43.3, {"r": {"AP": 43.15}}, "r").startswith("yes (-0.15 vs the paper, tolerance ±0.2)")
+    assert judge(row, "AP", 43.3, {"r": {"AP": 43.55}}, "r").startswith("no (+0.25 vs the paper")
+    assert judge(row, "AP", 43.3, {"r": {}}, "r") == "not run"

@@ -15,8 +15,37 @@ def raw():
 def test_repo_params_are_valid():
     params, _ = load_params(REPO / "params.yaml")
     assert params.profile in ("synth", "coco")
-    for name in expand_experiments(params.experiments, "params.yaml"):
-        experiment_config(REPO / "params.yaml", name)
+    for name, (_, exp) in expand_experiments(params.experiments, "params.yaml").items():
+        if exp.get("profiles") and params.profile not in exp["profiles"]:
+            with pytest.raises(ConfigError, match="exists only in profiles"):
+                experiment_config(REPO / "params.yaml", name)
+        else:
+            experiment_config(REPO / "params.yaml", name)
+
+
+@pytest.mark.parametrize("mutate,path,msg", [
+    (lambda e: e["detr_dc5_official"].pop("import_checkpoint"), "experiments.detr_dc5_official.import_checkpoint",
+     "the import stage needs an import_checkpoint"),
+    (lambda e: e["detr_dc5_official"]["import_checkpoint"].update(release="detr-r101"),
+     "experiments.detr_dc5_official.import_checkpoint.release", "unknown release 'detr-r101'"),
+    (lambda e: e["detr_dc5_official"]["import_checkpoint"].update(format="deformable_detr"),
+     "experiments.detr_dc5_official.import_checkpoint.format", "is in the 'detr' layout"),
+    (lambda e: e["detr_dc5_official"]["import_checkpoint"].update(release=None),
+     "experiments.detr_dc5_official.import_checkpoint", "needs release"),
+    (lambda e: e["detr_dc5"].update(import_checkpoint={"format": "detr", "release": "detr-r50-dc5"}),
+     "experiments.detr_dc5.stages", "only read by the import stage"),
+    (lambda e: e["act"].update(init_from="detr_dc5_official"), "init_from", "does not exist in profile 'synth'"),
+    (lambda e: e["detr_dc5_official"].update(profiles=["cocoa"]), "experiments.detr_dc5_official.profiles",
+     "no such profile 'cocoa'"),
+])
+def test_import_experiments_are_checked_on_load(tmp_path, mutate, path, msg):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(raw["experiments"])
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_params(f)
+    assert path in str(e.value) and msg in str(e.value) and str(f) in str(e.value)
 
 
 @pytest.mark.parametrize("mutate,path,msg", [
@@ -47,7 +76,7 @@ def test_repo_params_are_valid():
      "below the minimum"),
     (lambda r: r["experiments"]["act"].update(init_from="detr_r18"), "experiments.act.init_from", "not an experiment"),
     (lambda r: r["experiments"]["act"].update(init_from="act_kmeans_L16"), "experiments.act.init_from",
-     "has no train stage"),
+     "has no train or import stage"),
     (lambda r: r["experiments"]["act"].pop("init_from"), "experiments.act.init_from", "must name the trained"),
     (lambda r: r["experiments"]["act_mtkd"]["distill"].update(teacher="nobody"), "experiments.act_mtkd.distill.teacher",
      "not an experiment"),

@@ -171,6 +171,45 @@ def cmd_eval(args) -> None:
     print(f"[eval] {args.experiment}: " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
 
 
+def cmd_import(args) -> None:
+    """A released official checkpoint -> an effdetr model file (strict: every tensor mapped)."""
+    cfg, exp = C.experiment_config(args.params, args.experiment)
+    if exp.import_checkpoint is None:
+        raise C.ConfigError(args.params, f"experiments.{args.experiment}.import_checkpoint",
+                            "missing (this experiment has no import stage)")
+    params, _ = C.load_params(args.params)
+    phash = C.params_hash(cfg)
+    import dataclasses
+
+    from .convert import convert_official, load_official
+    from .convert.releases import resolve_source
+    from .data.download import sha256sum
+    from .engine.checkpoint import save_atomic
+    from .models import build_model
+    from .tracking import Run
+    imp = exp.import_checkpoint
+    with Run(params.tracking.experiment, f"import-{args.experiment}",
+             _tags("import", exp.paper, exp.table, phash, args.experiment, params.profile),
+             {"experiment": C.to_dict(cfg), "import": C.to_dict(imp)}) as run:
+        source = resolve_source(imp, args.releases)
+        ckpt = load_official(source)
+        model_cfg = dataclasses.replace(cfg.model, backbone=dataclasses.replace(cfg.model.backbone, pretrained="none"))
+        model = build_model(model_cfg)
+        state = convert_official(ckpt, imp.format, model, source)
+        model.load_state_dict(state, strict=True)
+        digest = sha256sum(source)
+        info = {"format": imp.format, "release": imp.release, "file": str(source), "sha256": digest,
+                "tensors": len(state), "epoch": ckpt.get("epoch")}
+        save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(cfg.model),
+                     "params_hash": phash, "imported_from": info}, args.out)
+        run.log_metrics({"tensors": len(state)})
+        _write_json({"experiment": args.experiment, "imported_from": info, "provenance": _provenance(run, phash)},
+                    args.metrics)
+        run.log_artifact(args.metrics)
+    print(f"[import] {args.experiment}: {source} ({imp.format}, {len(state)} tensors, sha256 {digest[:12]}) "
+          f"-> {args.out}")
+
+
 def cmd_flops(args) -> None:
     params, raw = C.load_params(args.params)
     models = C.flops_model_configs(args.params)
@@ -307,6 +346,11 @@ def parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("--checkpoint", required=True)
             sp.add_argument("--out", required=True)
+    sp = add("import", cmd_import, "convert a released official checkpoint into an effdetr model file")
+    sp.add_argument("--experiment", required=True, help="an experiment with stages [import, eval]")
+    sp.add_argument("--out", required=True, help="effdetr model file to write")
+    sp.add_argument("--metrics", required=True, help="JSON record of the source file and its checksum")
+    sp.add_argument("--releases", default="data/releases", help="where releases are downloaded to")
     sp = add("pretrain", cmd_pretrain, "pre-train the profile's backbone (stand-in for ImageNet)")
     sp.add_argument("--data", required=True)
     sp.add_argument("--out", required=True)

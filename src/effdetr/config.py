@@ -290,6 +290,15 @@ class DistillConfig:
 
 
 @dataclass
+class ImportConfig:
+    """A released checkpoint of an official repository (experiments with stages [import, eval])."""
+    format: Literal["detr", "deformable_detr", "sparse_detr"] = _f(doc="its repository's state-dict layout")
+    release: Optional[str] = _f(None, doc="a name in src/effdetr/convert/releases.yaml (downloaded and "
+                                "verified into data/releases/)")
+    file: Optional[str] = _f(None, doc="a local copy instead of the download")
+
+
+@dataclass
 class ExperimentConfig:
     """One row-producing experiment: the profile merged with these overrides."""
     paper: str
@@ -302,6 +311,9 @@ class ExperimentConfig:
                                   "(train) or evaluates (eval-only experiments)")
     sweep: Optional[SweepConfig] = None
     distill: Optional[DistillConfig] = None
+    import_checkpoint: Optional[ImportConfig] = _f(None, doc="the released weights the import stage converts")
+    profiles: Optional[list[str]] = _f(None, doc="profiles this experiment exists in (null = all), e.g. [coco] "
+                                       "for released COCO checkpoints")
 
 
 @dataclass
@@ -490,25 +502,33 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
     for name, (source, exp) in expanded.items():
         e = build(ExperimentConfig, exp, file, f"experiments.{source}")
         for stage in e.stages:
-            if stage not in ("train", "eval"):
-                raise ConfigError(file, f"experiments.{source}.stages", f"unknown stage {stage!r}")
-        for pname in e.profile_overrides:
+            if stage not in ("train", "eval", "import"):
+                raise ConfigError(file, f"experiments.{source}.stages", f"unknown stage {stage!r} "
+                                  "(train, import, eval)")
+        _check_import(e, file, f"experiments.{source}")
+        for pname in list(e.profile_overrides) + (e.profiles or []):
             if pname not in params.profiles:
-                raise ConfigError(file, f"experiments.{source}.profile_overrides.{pname}",
-                                  "no such profile")
+                raise ConfigError(file, f"experiments.{source}.profile_overrides.{pname}"
+                                  if pname in e.profile_overrides else f"experiments.{source}.profiles",
+                                  f"no such profile {pname!r}")
         _check_references(name, source, e, expanded, file)
         where = f"experiments.{source}"
         if e.sweep:
             raw_sweep = params.experiments[source]["sweep"]
             i = [sweep_name(source, raw_sweep, v) for v in e.sweep.values].index(name)
             where += f".sweep.values[{i}] ({name}, {e.sweep.key})"
-        for pname in params.profiles:
+        for pname in e.profiles or params.profiles:
             merged = deep_merge(deep_merge(params.profiles[pname], e.overrides),
                                 e.profile_overrides.get(pname, {}))
             where_p = f"{where}(profile {pname})"
             resolved[name, pname] = e, where_p, _profile_from_dict(merged, file, where_p)
     # Pairs (weights reused, teacher distilled), now that every experiment resolved alone.
     for (name, pname), (e, where_p, prof) in resolved.items():
+        for ref in (e.init_from, e.distill.teacher if e.distill else None):
+            if ref and (ref, pname) not in resolved:
+                raise ConfigError(file, f"{where_p}.{'init_from' if ref == e.init_from else 'distill.teacher'}",
+                                  f"{ref!r} does not exist in profile {pname!r} (its experiments.{ref}.profiles); "
+                                  f"restrict this experiment with profiles: too")
         if e.init_from:
             _check_init_architecture(prof.model, resolved[e.init_from, pname][2].model, e.init_from, file,
                                      f"{where_p}.init_from")
@@ -609,13 +629,42 @@ def _check_references(name: str, source: str, e: ExperimentConfig, expanded: dic
         if ref not in expanded:
             raise ConfigError(file, f"experiments.{source}.{key}",
                               f"{ref!r} is not an experiment (have: {', '.join(sorted(expanded))})")
-        if "train" not in build(ExperimentConfig, expanded[ref][1], file, f"experiments.{ref}").stages:
-            raise ConfigError(file, f"experiments.{source}.{key}", f"{ref!r} has no train stage, so no checkpoint")
-    if "train" not in e.stages and e.init_from is None:
+        ref_stages = build(ExperimentConfig, expanded[ref][1], file, f"experiments.{ref}").stages
+        if "train" not in ref_stages and "import" not in ref_stages:
+            raise ConfigError(file, f"experiments.{source}.{key}", f"{ref!r} has no train or import stage, "
+                              "so no checkpoint")
+    if "train" not in e.stages and "import" not in e.stages and e.init_from is None:
         raise ConfigError(file, f"experiments.{source}.init_from",
                           "an eval-only experiment must name the trained experiment it evaluates")
     if e.distill and "train" not in e.stages:
         raise ConfigError(file, f"experiments.{source}.distill", "distillation needs a train stage")
+
+
+def _check_import(e: ExperimentConfig, file, path: str) -> None:
+    """stages [import, eval] <-> an import_checkpoint naming a known release or a file."""
+    has_stage = "import" in e.stages
+    if has_stage != (e.import_checkpoint is not None):
+        raise ConfigError(file, f"{path}.import_checkpoint" if has_stage else f"{path}.stages",
+                          "the import stage needs an import_checkpoint" if has_stage else
+                          "import_checkpoint is only read by the import stage (stages: [import, eval])")
+    if not has_stage:
+        return
+    if "train" in e.stages or e.init_from:
+        raise ConfigError(file, f"{path}.stages", "an imported experiment's weights come from the release: "
+                          "no train stage and no init_from")
+    imp = e.import_checkpoint
+    if not imp.release and not imp.file:
+        raise ConfigError(file, f"{path}.import_checkpoint", "needs release (a name in "
+                          "src/effdetr/convert/releases.yaml) or file (a local checkpoint)")
+    if imp.release:
+        from .convert.releases import releases
+        known = releases()
+        if imp.release not in known:
+            raise ConfigError(file, f"{path}.import_checkpoint.release", f"unknown release {imp.release!r} "
+                              f"(known: {', '.join(known)})")
+        if known[imp.release]["format"] != imp.format:
+            raise ConfigError(file, f"{path}.import_checkpoint.format", f"{imp.format!r}, but release "
+                              f"{imp.release!r} is in the {known[imp.release]['format']!r} layout")
 
 
 def _check_init_architecture(model: ModelConfig, ref_model: ModelConfig, ref: str, file, path) -> None:
@@ -730,6 +779,9 @@ def experiment_config(path: str | Path, experiment: str) -> tuple[ProfileConfig,
                           f"no such experiment (have: {', '.join(sorted(expanded))})")
     source, exp_raw = expanded[experiment]
     exp = build(ExperimentConfig, exp_raw, path, f"experiments.{source}")
+    if exp.profiles and params.profile not in exp.profiles:
+        raise ConfigError(path, f"experiments.{source}.profiles", f"{experiment} exists only in profiles "
+                          f"{exp.profiles}, not in the active profile {params.profile!r}")
     merged = deep_merge(deep_merge(raw["profiles"][params.profile], exp.overrides),
                         exp.profile_overrides.get(params.profile, {}))
     return _profile_from_dict(merged, path, f"experiments.{experiment}"), exp

@@ -89,6 +89,8 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
     eval_keys = [f"{prof_key}.{s}" for s in ("data", "input", "model", "train", "eval")]
     report_deps = []
     for name, (source, exp) in sorted(expand_experiments(raw.get("experiments", {}), params_file).items()):
+        if exp.get("profiles") and profile not in exp["profiles"]:
+            continue  # e.g. released COCO checkpoints: nothing to run on SynthCOCO
         ckpt = f"data/checkpoints/{name}.pt"
         exp_keys = ["profile", f"experiments.{source}"]
         stage_list = exp.get("stages", ["train", "eval"])
@@ -110,9 +112,20 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 + ([backbone_file] if "--backbone" in extra else []) + weights,
                                 outs=[ckpt], metrics=[metrics], heavy=True, threads=threads))
             report_deps.append(metrics)
+        if "import" in stage_list:
+            metrics = f"reports/metrics/{name}/import.json"
+            imp = exp["import_checkpoint"]
+            source_dep = [imp["file"]] if imp.get("file") else []
+            stages.append(Stage(f"import_{name}",
+                                ["effdetr", "import", *p, "--experiment", name, "--out", ckpt, "--metrics", metrics,
+                                 "--releases", "data/releases"],
+                                exp_keys + [f"{prof_key}.model"],
+                                deps=source_dep + [f"{SRC}/convert", f"{SRC}/engine"] + MODEL_SRC + COMMON_SRC,
+                                outs=[ckpt], metrics=[metrics], heavy=True))
+            report_deps.append(metrics)
         if "eval" in stage_list:
             metrics = f"reports/metrics/{name}/eval.json"
-            weights = ckpt if "train" in stage_list else f"data/checkpoints/{init}.pt"
+            weights = ckpt if ("train" in stage_list or "import" in stage_list) else f"data/checkpoints/{init}.pt"
             stages.append(Stage(f"eval_{name}",
                                 ["effdetr", "eval", *p, "--experiment", name, "--data", root, "--checkpoint", weights,
                                  "--out", metrics],

@@ -3,3 +3,37 @@
 Each format module maps an official ``ckpt["model"]`` state dict onto effdetr's parameter
 names (``mapping.StrictMapping``); loading is strict, so every tensor is accounted for.
 """
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def load_official(path: str | Path) -> dict:
+    """An official checkpoint file, read without running pickled code: tensors, plain
+    containers and the ``argparse.Namespace`` of training args the official main.py saves."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict with a 'model' state dict, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def convert_official(ckpt: dict, fmt: str, model: nn.Module, file: str | Path) -> dict:
+    """``ckpt`` in the official layout of ``fmt`` -> ``model``'s state dict (strict)."""
+    if fmt == "detr":
+        from .detr import convert_detr
+        return convert_detr(ckpt, model, str(file))
+    if fmt in ("deformable_detr", "sparse_detr"):
+        from .deformable import convert_deformable
+        return convert_deformable(ckpt, model, str(file))
+    raise ValueError(f"unknown checkpoint format {fmt!r}")

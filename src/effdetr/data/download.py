@@ -52,6 +52,34 @@ def _quarantine(path: Path, why: str) -> DownloadError:
     return DownloadError(f"{path}: {why}; kept as {bad} (delete it to download again)")
 
 
+def _transfer(url: str, part: Path, size: int | None, timeout: float) -> None:
+    """Append the rest of ``url`` to ``part`` (HTTP Range from its current length)."""
+    have = part.stat().st_size if part.exists() else 0
+    if size is not None and have > size:
+        raise _quarantine(part, f"partial file is {have} bytes, larger than the expected {size}")
+    if size is not None and have == size:
+        return
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            if have and resp.status == 416 and size is None:
+                return  # already complete: nothing left in range
+            if have and resp.status != 206:
+                print(f"[download] {url}: server ignored the range request; restarting")
+                have = 0
+            with open(part, "ab" if have else "wb") as f:
+                while block := resp.read(CHUNK):
+                    f.write(block)
+    except urllib.error.HTTPError as e:
+        if have and e.code == 416 and size is None:
+            return
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        got = part.stat().st_size if part.exists() else 0
+        raise DownloadError(f"{url}: transfer failed after {got} of {size or '?'} bytes ({e}); "
+                            f"rerun to resume from {part}") from None
+
+
 def fetch(url: str, dest: Path, archive: Archive, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``) and verify it. Idempotent."""
     dest = Path(dest)
@@ -59,23 +87,7 @@ def fetch(url: str, dest: Path, archive: Archive, timeout: float = 60.0) -> Path
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    if have > archive.size:
-        raise _quarantine(part, f"partial file is {have} bytes, larger than the expected {archive.size}")
-    if have < archive.size:
-        req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                if have and resp.status != 206:
-                    print(f"[download] {url}: server ignored the range request; restarting")
-                    have = 0
-                with open(part, "ab" if have else "wb") as f:
-                    while block := resp.read(CHUNK):
-                        f.write(block)
-        except (urllib.error.URLError, OSError) as e:
-            got = part.stat().st_size if part.exists() else 0
-            raise DownloadError(f"{url}: transfer failed after {got} of {archive.size} bytes ({e}); "
-                                f"rerun to resume from {part}") from None
+    _transfer(url, part, archive.size, timeout)
     size = part.stat().st_size
     if size != archive.size:
         if size < archive.size:
@@ -91,6 +103,38 @@ def fetch(url: str, dest: Path, archive: Archive, timeout: float = 60.0) -> Path
         raise _quarantine(part, f"not a valid zip ({e})") from None
     if broken is not None:
         raise _quarantine(part, f"zip member {broken} fails its CRC check")
+    os.replace(part, dest)
+    return dest
+
+
+def sha256sum(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_checked(url: str, dest: Path, sha256: str | None = None, size: int | None = None,
+                  timeout: float = 60.0) -> Path:
+    """A single file (a released checkpoint): resumable download to ``dest.part``; the size
+    and the SHA-256 (or its prefix, as torch.hub file names carry) are checked where known,
+    then the file is renamed into place. A failing file is kept as ``*.bad``."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    _transfer(url, part, size, timeout)
+    got = part.stat().st_size
+    if size is not None and got != size:
+        if got < size:
+            raise DownloadError(f"{part}: size {got} bytes, expected {size} (truncated); rerun to resume")
+        raise _quarantine(part, f"size {got} bytes, expected {size}")
+    if sha256:
+        digest = sha256sum(part)
+        if not digest.startswith(sha256.lower()):
+            raise _quarantine(part, f"SHA-256 {digest}, expected {sha256}{'...' if len(sha256) < 64 else ''}")
     os.replace(part, dest)
     return dest
 
@@ -120,10 +164,10 @@ def extract(zip_path: Path, root: Path) -> None:
     marker.write_text("ok\n")
 
 
-def check_layout(root: Path) -> None:
+def check_layout(root: Path, splits: tuple[str, ...] = ("train", "val")) -> None:
     """An existing/extracted copy must have the folders and annotation files we read."""
     from .coco import load_annotations
-    for split in ("train", "val"):
+    for split in splits:
         img_dir, ann = root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
         if not img_dir.is_dir():
             raise DownloadError(f"{img_dir}: image folder missing (data.coco.existing = {root})")
@@ -135,7 +179,8 @@ def prepare_coco(cfg, root: str | Path, archives: dict[str, Archive] = COCO2017)
     root = Path(root)
     if cfg.existing:
         src = Path(cfg.existing)
-        check_layout(src)
+        # eval-only targets (released checkpoints) need val2017 + annotations alone, about 1 GB
+        check_layout(src, ("train", "val") if "train2017" in cfg.splits else ("val",))
         root.parent.mkdir(parents=True, exist_ok=True)
         if not root.exists():
             root.symlink_to(src.resolve(), target_is_directory=True)

@@ -175,7 +175,8 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
 
     # A table is written when an experiment names it; its rows are read from every
     # experiment the paper table lists (a row may belong to another table's experiment).
-    experiments = expand_experiments(params.experiments, "params.yaml")
+    experiments = {n: (src, e) for n, (src, e) in expand_experiments(params.experiments, "params.yaml").items()
+                   if not e.get("profiles") or params.profile in e["profiles"]}  # the active profile's only
     wanted: dict[str, list[str]] = {}
     for name, (_, exp) in experiments.items():
         wanted.setdefault(exp["table"], [])
