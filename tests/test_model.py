@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from effdetr.models import build_model
@@ -67,7 +68,7 @@ def test_few_training_steps_reduce_loss(tiny_cfg):
     tgt = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
            {"labels": torch.tensor([4]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]])}]
     losses = []
-    for _ in range(12):
+    for _ in range(20):  # the official (fused) attention init starts slower than per-block Xavier
         total = crit.total(crit(m(images, mask), tgt), tiny_cfg.model.dec_layers - 1)
         opt.zero_grad()
         total.backward()
@@ -172,3 +173,16 @@ def test_attention_dropout_sits_where_the_official_layers_have_it(tiny_cfg):
     attn.dropout = 0.0
     attn.train()
     torch.testing.assert_close(attn(x, x, x), dense)
+
+
+def test_attention_projections_start_as_the_official_fused_in_proj(tiny_cfg):
+    """Xavier over nn.MultiheadAttention's [3C, C] in_proj: q/k/v entries bounded by
+    sqrt(6 / (C + 3C)), not the sqrt(6 / 2C) of separate [C, C] blocks."""
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg.model)
+    c = tiny_cfg.model.hidden_dim
+    for layer in list(m.transformer.encoder) + list(m.transformer.decoder):
+        w = torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight])
+        bound = math.sqrt(6 / (4 * c))
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)

@@ -82,6 +82,9 @@ class Transformer(nn.Module):
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+        for m in self.modules():  # the official in_proj is one [3C, C] matrix
+            if isinstance(m, MultiHeadAttention):
+                m.xavier_as_fused()
 
     def encoder_attention_modules(self) -> list[MultiHeadAttention]:
         return [layer.self_attn for layer in self.encoder]

@@ -7,6 +7,7 @@ without touching its state dict.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -46,6 +47,17 @@ class MultiHeadAttention(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
+
+    def xavier_as_fused(self) -> None:
+        """Xavier-uniform over the stacked [3C, C] q/k/v matrix, as the official models'
+        ``nn.MultiheadAttention.in_proj_weight`` is initialised (separate [C, C] blocks would
+        start sqrt(2) wider); the output projection is a [C, C] matrix in both."""
+        fused = torch.empty(3 * self.q_proj.out_features, self.q_proj.in_features)
+        nn.init.xavier_uniform_(fused)
+        with torch.no_grad():
+            for lin, block in zip((self.q_proj, self.k_proj, self.v_proj), fused.chunk(3)):
+                lin.weight.copy_(block)
+            nn.init.xavier_uniform_(self.out_proj.weight)
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
