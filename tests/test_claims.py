@@ -74,3 +74,40 @@ def test_converted_checkpoint_within_an_absolute_tolerance_of_the_paper():
     assert judge(row, "AP", 43.3, {"r": {"AP": 43.15}}, "r").startswith("yes (-0.15 vs the paper, tolerance ±0.2)")
     assert judge(row, "AP", 43.3, {"r": {"AP": 43.55}}, "r").startswith("no (+0.25 vs the paper")
     assert judge(row, "AP", 43.3, {"r": {}}, "r") == "not run"
+
+
+def test_relations_within_the_seed_spread_are_inconclusive():
+    rows = SPEC["rows"]
+    rep = {"base": {"AP": 10.0}, "fast": {"AP": 9.0}, "tuned": {"AP": 9.4}}
+    # tuned vs fast: +0.40, inside a spread of 0.5 -> inconclusive; outside 0.3 -> yes
+    assert judge(rows["tuned"], "AP", 39.5, rep, "tuned", spread=0.5) == \
+        "inconclusive: +0.40 vs fast, within the seed spread 0.50"
+    assert judge(rows["tuned"], "AP", 39.5, rep, "tuned", spread=0.3).startswith("yes (+0.40 vs fast)")
+    # fast vs base: drop 1.00 against 1.5 allowed; margin 0.5: a spread of 0.6 makes it inconclusive
+    assert judge(rows["fast"], "AP", 39.0, rep, "fast", spread=0.6).startswith("inconclusive: drop 1.00 vs base")
+    assert judge(rows["fast"], "AP", 39.0, rep, "fast", spread=0.4).startswith("yes (drop 1.00")
+    assert judge(rows["fast"], "AP", 39.0, rep, "fast").startswith("yes (drop 1.00")  # no spread measured
+
+
+def test_family_spread_is_measured_from_its_runs_and_named_under_the_table(tmp_path):
+    import json
+
+    import pytest
+
+    from effdetr.reporting.tables import seed_spreads, spread_note, table_rows
+    for name, ap in (("base", 0.300), ("base_s2", 0.312), ("fast", 0.295)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps({"stats": {"AP": ap}, "provenance": {"git": {}}}))
+    spreads = seed_spreads(tmp_path, {"fam": ["base", "base_s2"], "later": ["fast", "not_run"]})
+    assert spreads["fam"]["AP"] == pytest.approx(1.2) and "later" not in spreads
+    spec = {"metrics": ["AP"], "rows": {"base": {"label": "B", "claims": ["reference"]},
+                                         "fast": {"label": "F", "claims": [{"metric": "AP", "lower": "base"}]}}}
+    rep = {"base": {"AP": 30.0}, "fast": {"AP": 29.5}}
+    rows = table_rows(spec, rep, spreads={"fast": spreads["fam"]})
+    assert rows[1][-1] == "inconclusive: -0.50 vs base, within the seed spread 1.20"
+    assert table_rows(spec, rep)[1][-1] == "yes (-0.50 vs base)"
+    experiments = {"base": ("base", {"family": "fam"}), "fast": ("fast", {"family": "fam"}),
+                   "other": ("other", {"family": "later"})}
+    note = spread_note(["base", "fast", "other"], experiments, spreads, {"base", "base_s2"})
+    assert "Rows with one run: fast, other." in note
+    assert "`fam` 1.20 AP (base, base_s2)" in note and "`later` not measured yet" in note

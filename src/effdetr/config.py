@@ -314,6 +314,8 @@ class ExperimentConfig:
     import_checkpoint: Optional[ImportConfig] = _f(None, doc="the released weights the import stage converts")
     profiles: Optional[list[str]] = _f(None, doc="profiles this experiment exists in (null = all), e.g. [coco] "
                                        "for released COCO checkpoints")
+    family: Optional[str] = _f(None, doc="model family whose measured seed spread (params seed_spread) "
+                               "decides when a claim between two of its rows is inconclusive")
 
 
 @dataclass
@@ -352,6 +354,8 @@ class Params:
     flops: FlopsConfig = _f(factory=FlopsConfig)
     speed: Optional[SpeedConfig] = None
     tracking: TrackingConfig = _f(factory=TrackingConfig)
+    seed_spread: dict[str, list[str]] = _f(factory=dict, doc="family -> the experiments that repeat one "
+                                           "representative with other seeds (training or hashing)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -535,6 +539,17 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
         if e.distill and e.distill.method == "detrdistill":
             _check_detrdistill_pair(resolved[e.distill.teacher, pname][2].model, prof.model, e.distill.detrdistill,
                                     file, f"experiments.{expanded[name][0]}(profile {pname}).distill")
+    for fam, runs in params.seed_spread.items():
+        if not isinstance(runs, list) or len(runs) < 2:
+            raise ConfigError(file, f"seed_spread.{fam}", "needs a list of at least two runs to measure a spread")
+        for i, run in enumerate(runs):
+            if run not in expanded:
+                raise ConfigError(file, f"seed_spread.{fam}[{i}]", f"{run!r} is not an experiment")
+    for name, (source, exp) in expanded.items():
+        fam = exp.get("family")
+        if fam is not None and fam not in params.seed_spread:
+            raise ConfigError(file, f"experiments.{source}.family", f"{fam!r} has no runs under seed_spread "
+                              f"(have: {', '.join(params.seed_spread) or 'none'})")
     if params.speed is not None:
         src = params.experiments.get(params.speed.experiment)
         if not isinstance(src, dict) or not src.get("sweep") or not src.get("init_from") \

@@ -15,6 +15,11 @@ A table row in ``reporting/paper/*.yaml`` lists its claims; each applies to one 
 - ``{equal: row}``: the same value (e.g. a distilled student's FLOPs and its baseline's).
 - ``{beyond_spread: row}``: above that row by more than the two rows' seed standard
   deviations added (``<metric>_sd``, rows averaged over seeds).
+
+``spread``: the measured seed spread of the row's model family on this metric (max - min
+over the family's repeated runs; see tables.seed_spreads). A relation between two rows
+(higher, lower, max_drop) whose deciding difference is within it reads "inconclusive":
+training noise alone moves a row that much.
 """
 from __future__ import annotations
 
@@ -38,7 +43,15 @@ def row_claims(spec_row: dict) -> list:
     return [spec_row["claim"]] if "claim" in spec_row else []
 
 
-def judge(spec_row: dict, metric: str, paper, reproduced: dict[str, dict], row_key: str) -> str:
+def _within(verdict: str, margin: float, spread: float | None) -> str:
+    """Turn a yes/no verdict into "inconclusive" when its margin is inside the seed spread."""
+    if spread is None or abs(margin) > spread:
+        return verdict
+    return f"inconclusive: {verdict.split(' ', 1)[1][1:-1]}, within the seed spread {_num(spread)}"
+
+
+def judge(spec_row: dict, metric: str, paper, reproduced: dict[str, dict], row_key: str,
+          spread: float | None = None) -> str:
     verdicts = []
     mine = reproduced.get(row_key, {}).get(metric)
     for claim in row_claims(spec_row):
@@ -69,16 +82,19 @@ def judge(spec_row: dict, metric: str, paper, reproduced: dict[str, dict], row_k
                 verdicts.append(f"not run ({other_key})")
             elif kind == "max_drop":
                 drop = other - mine
-                verdicts.append(f"{'yes' if drop <= claim['max_drop'] else 'no'} "
-                                f"(drop {_num(drop)} vs {other_key}, allowed {claim['max_drop']})")
+                verdicts.append(_within(f"{'yes' if drop <= claim['max_drop'] else 'no'} "
+                                        f"(drop {_num(drop)} vs {other_key}, allowed {claim['max_drop']})",
+                                        drop - claim["max_drop"], spread))
             elif kind == "max_ratio":
                 ratio = mine / other if other else float("inf")
                 verdicts.append(f"{'yes' if ratio <= claim['max_ratio'] else 'no'} "
                                 f"({ratio - 1:+.1%} vs {other_key}, needed <= {claim['max_ratio'] - 1:+.0%})")
             elif kind == "higher":
-                verdicts.append(f"{'yes' if mine > other else 'no'} ({_num(mine - other, True)} vs {other_key})")
+                verdicts.append(_within(f"{'yes' if mine > other else 'no'} ({_num(mine - other, True)} vs {other_key})",
+                                        mine - other, spread))
             elif kind == "lower":
-                verdicts.append(f"{'yes' if mine < other else 'no'} ({_num(mine - other, True)} vs {other_key})")
+                verdicts.append(_within(f"{'yes' if mine < other else 'no'} ({_num(mine - other, True)} vs {other_key})",
+                                        mine - other, spread))
             elif kind == "equal":
                 same = abs(mine - other) <= 1e-9 * max(abs(mine), abs(other), 1.0)
                 verdicts.append(f"{'yes' if same else 'no'} ({_num(mine - other, True)} vs {other_key})")

@@ -65,6 +65,20 @@ def seed_values(metrics_dir: Path, names: list[str]) -> tuple[dict, list[dict]]:
     return out, prov
 
 
+def seed_spreads(metrics_dir: Path, seed_spread: dict[str, list[str]]) -> dict[str, dict]:
+    """family -> {metric: max - min over its repeated runs} for the AP-type metrics, plus
+    ``runs`` (the experiments, once all of them have been evaluated)."""
+    out = {}
+    for fam, runs in seed_spread.items():
+        values = [experiment_values(metrics_dir, r)[0] for r in runs]
+        if not all(values):
+            continue
+        spread = {m: max(v[m] for v in values) - min(v[m] for v in values)
+                  for m in AP_KEYS if all(m in v for v in values)}
+        out[fam] = {**spread, "runs": runs}
+    return out
+
+
 def add_gains(spec: dict, reproduced: dict[str, dict]) -> None:
     """``gain_vs: row``: ``<metric>_gain`` = this row's metric minus that row's (means)."""
     for key, row in spec["rows"].items():
@@ -105,8 +119,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def table_rows(spec: dict, reproduced: dict[str, dict], extra: list[str] = ()) -> list[list[str]]:
-    """Long format, one line per (row, metric); ``extra``: experiments without paper rows."""
+def table_rows(spec: dict, reproduced: dict[str, dict], extra: list[str] = (),
+               spreads: dict[str, dict] | None = None) -> list[list[str]]:
+    """Long format, one line per (row, metric); ``extra``: experiments without paper rows;
+    ``spreads``: row -> its family's seed spread per metric (claims within it are inconclusive)."""
     rows = []
     for key, row in list(spec["rows"].items()) + [(n, {"label": n}) for n in extra]:
         got = reproduced.get(key, {})
@@ -115,9 +131,26 @@ def table_rows(spec: dict, reproduced: dict[str, dict], extra: list[str] = ()) -
             if paper is None and repro is None:
                 continue
             delta = repro - paper if paper is not None and repro is not None else None
+            spread = (spreads or {}).get(key, {}).get(metric)
             rows.append([row.get("label", key), metric, _fmt(paper), _fmt(repro), _fmt(delta),
-                         judge(row, metric, paper, reproduced, key)])
+                         judge(row, metric, paper, reproduced, key, spread)])
     return rows
+
+
+def spread_note(names: list[str], experiments: dict, spreads: dict[str, dict], seeded: set[str]) -> str:
+    """Which rows rest on one run, and each family's measured AP spread."""
+    fams = sorted({experiments[n][1].get("family") for n in names if n in experiments} - {None})
+    single = [n for n in names if n not in seeded]
+    parts = []
+    for fam in fams:
+        sp = spreads.get(fam)
+        parts.append(f"`{fam}` {_fmt(sp['AP'])} AP ({', '.join(sp['runs'])})" if sp and "AP" in sp
+                     else f"`{fam}` not measured yet")
+    text = "**Seeds.** " + (f"Rows with one run: {', '.join(single)}. " if single else "")
+    text += ("Seed spread (max - min AP over repeated runs) per family: " + "; ".join(parts) +
+             ". A claim between rows whose difference is within the spread reads inconclusive.") if parts \
+        else "No seed spread is measured for these rows."
+    return text
 
 
 def render_markdown(tid: str, spec: dict, rows: list[list[str]], prov: list[dict], context: dict) -> str:
@@ -186,6 +219,7 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
             if spec.get("kind") == "flops" and any(k in params.flops.models for k in spec["rows"]):
                 wanted.setdefault(tid, [])
     speed_rows, speed_prov, speed_data = speed_values(metrics_dir)
+    spreads = seed_spreads(metrics_dir, params.seed_spread)
     if params.speed is not None:
         wanted.setdefault(params.speed.table, [])
     for tid in wanted:
@@ -202,6 +236,7 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
             raise ValueError(f"params.yaml: experiments/flops name table '{tid}', which has no paper data "
                              f"(known: {', '.join(sorted(specs))})")
         spec = specs[tid]
+        row_spreads = None  # exact quantities (FLOPs) and timings have no seed spread
         if spec.get("kind") == "flops":
             reproduced, prov = flops_rows, flops_prov
             sizes = {str(m.get("input_sizes", flops_data["input_sizes"])) for k, m in flops_data["models"].items()
@@ -222,7 +257,16 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
             add_gains(spec, reproduced)
             note = ("SynthCOCO is not COCO: compare *relations* between rows (the claims), not "
                     "absolute values, with the paper." if params.profile == "synth" else "")
-        rows = table_rows(spec, reproduced, [n for n in wanted[tid] if n not in spec["rows"]])
+            seeded = {n for n in wanted[tid] if spec["rows"].get(n, {}).get("seeds")} | \
+                {r for runs in params.seed_spread.values() for r in runs}
+            note = (note + "\n\n" if note else "") + spread_note(wanted[tid], experiments, spreads, seeded)
+            row_spreads = {}
+            for n in wanted[tid]:
+                fam = experiments.get(n, (None, {}))[1].get("family") or \
+                    experiments.get((spec["rows"].get(n, {}).get("seeds") or [None])[0], (None, {}))[1].get("family")
+                if fam in spreads:
+                    row_spreads[n] = spreads[fam]
+        rows = table_rows(spec, reproduced, [n for n in wanted[tid] if n not in spec["rows"]], row_spreads)
         ctx = {**context, "note": note}
         md, csv_path = tables_dir / f"{tid}.md", tables_dir / f"{tid}.csv"
         md.write_text(render_markdown(tid, spec, rows, prov, ctx))
