@@ -23,7 +23,7 @@ def test_snakemake_rules_match_dvc_stages():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     r = snakemake("--list-rules")
     assert r.returncode == 0, r.stderr
-    rules = {line.strip() for line in r.stdout.splitlines() if line.strip()} - {"all"}
+    rules = {line.strip() for line in r.stdout.splitlines() if line.strip()} - {"all", "released"}
     assert rules == set(dvc)
 
 
@@ -91,3 +91,22 @@ def test_snakemake_inputs_include_the_published_numbers():
     files = expand_deps([f"{SRC}/reporting"], Path(__file__).resolve().parents[1])
     assert f"{SRC}/reporting/tables.py" in files
     assert f"{SRC}/reporting/paper/lite_detr.yaml" in files
+
+
+def test_released_target_plans_only_the_imports_and_their_evaluations(tmp_path):
+    """coco profile: `snakemake released` = data + every import + the evaluations of
+    released weights (ACT on DETR-DC5 included), and no training."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["profile"] = "coco"
+    params = tmp_path / "params_coco.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    r = snakemake("released", "-n", "--forceall", "--config", f"params={params}")
+    assert r.returncode == 0, r.stderr
+    jobs = set(re.findall(r"^rule (\w+):", r.stdout, flags=re.M)) - {"released"}
+    official = [n for n, (_, e) in stages.expand_experiments(raw["experiments"], "p").items() if e.get("profiles")]
+    assert jobs == {"data"} | {f"import_{n}" for n in official if n.startswith(("detr_", "deformable", "sparse"))
+                               and "act_" not in n} | {f"eval_{n}" for n in official}
+    assert not any(j.startswith("train_") for j in jobs) and "eval_act_official_L16" in jobs
+    synth = snakemake("released", "-n", "--forceall")
+    assert synth.returncode == 0, synth.stderr
+    assert set(re.findall(r"^rule (\w+):", synth.stdout, flags=re.M)) <= {"released"}  # empty on SynthCOCO

@@ -33,6 +33,7 @@ class Stage:
     heavy: bool = False  # uses all cores (Snakemake runs heavy stages one at a time) ...
     threads: int | None = None  # ... unless the experiment's train.threads asks for fewer
     persist: bool = False
+    groups: list[str] = field(default_factory=list)  # named targets it belongs to (e.g. released)
 
     @property
     def shell(self) -> str:
@@ -97,6 +98,8 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
         threads = _merged(raw, profile, exp, "train").get("threads")
         init = exp.get("init_from")
         teacher = (exp.get("distill") or {}).get("teacher")
+        init_stages = (raw["experiments"].get(init) or {}).get("stages", []) if init else []
+        groups = ["released"] if "import" in stage_list or "import" in init_stages else []
         if "train" in stage_list:
             metrics = f"reports/metrics/{name}/train.json"
             pretrained = _merged(raw, profile, exp, "model").get("backbone", {}).get("pretrained")
@@ -121,7 +124,7 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                  "--releases", "data/releases"],
                                 exp_keys + [f"{prof_key}.model"],
                                 deps=source_dep + [f"{SRC}/convert", f"{SRC}/engine"] + MODEL_SRC + COMMON_SRC,
-                                outs=[ckpt], metrics=[metrics], heavy=True))
+                                outs=[ckpt], metrics=[metrics], heavy=True, groups=groups))
             report_deps.append(metrics)
         if "eval" in stage_list:
             metrics = f"reports/metrics/{name}/eval.json"
@@ -132,7 +135,7 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 exp_keys + eval_keys,
                                 deps=[root, weights, f"{SRC}/engine", f"{SRC}/data", f"{SRC}/evaluation"] + MODEL_SRC
                                 + COMMON_SRC,
-                                metrics=[metrics], heavy=True, threads=threads))
+                                metrics=[metrics], heavy=True, threads=threads, groups=groups))
             report_deps.append(metrics)
 
     if raw.get("flops", {}).get("models"):
@@ -160,6 +163,12 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                         deps=report_deps + [f"{SRC}/reporting"] + COMMON_SRC,
                         outs=["reports/README.md"], out_dirs=["reports/tables", "reports/figures"]))
     return stages
+
+
+def group_outputs(stages: list[Stage], group: str) -> list[str]:
+    """Outputs of a named target: ``released`` = every import stage and every evaluation of
+    released weights (the coco profile's eval-only rows, about one GPU-hour)."""
+    return [o for st in stages if group in st.groups for o in st.all_outputs()]
 
 
 def _merged(raw: dict, profile: str, exp: dict, section: str) -> dict:

@@ -5,6 +5,7 @@ PARAMS_FILE = config.get("params", "params.yaml")
 RAW_PARAMS = effdetr_stages.load_raw(PARAMS_FILE)
 STAGES = effdetr_stages.build_stages(RAW_PARAMS, PARAMS_FILE)
 ALL_OUTPUTS = [o for st in STAGES for o in st.all_outputs()]
+RELEASED_OUTPUTS = effdetr_stages.group_outputs(STAGES, "released")
 
 
 def stage_inputs(st):
