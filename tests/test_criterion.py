@@ -1,6 +1,6 @@
 import torch
 
-from effdetr.models.criterion import SetCriterion
+from effdetr.models.criterion import SetCriterion, build_criterion
 from effdetr.models.matcher import HungarianMatcher
 
 
@@ -53,3 +53,28 @@ def test_aux_losses_and_weights():
     w = crit.weight_dict(2)
     total = crit.total(losses, 2)
     assert torch.allclose(total, sum(losses[k] * w[k] for k in losses))
+
+
+def test_two_stage_proposals_train_class_agnostic_for_deformable_detrs_variant():
+    """Deformable DETR's criterion relabels every target 0 for enc_outputs (its top-k ranks
+    by class 0); Sparse DETR's --eff_specific_head keeps the classes."""
+    from effdetr.config import DeformableConfig, LossConfig, ModelConfig
+    g = torch.Generator().manual_seed(0)
+    out = {"pred_logits": torch.randn(1, 5, 4, generator=g), "pred_boxes": torch.rand(1, 5, 4, generator=g) * 0.5 + 0.2,
+           "enc_outputs": {"pred_logits": torch.randn(1, 9, 4, generator=g),
+                           "pred_boxes": torch.rand(1, 9, 4, generator=g) * 0.5 + 0.2}}
+    targets = [{"labels": torch.tensor([2, 3]), "boxes": torch.tensor([[0.4, 0.4, 0.2, 0.2], [0.6, 0.5, 0.3, 0.2]])}]
+    losses = {}
+    for variant in ("deformable_detr", "sparse_detr"):
+        mcfg = ModelConfig(arch="deformable", deformable=DeformableConfig(two_stage=True, box_refine=True,
+                                                                          two_stage_variant=variant))
+        crit = build_criterion(mcfg, LossConfig())
+        assert crit.enc_class_agnostic is (variant == "deformable_detr")
+        losses[variant] = crit(out, targets)
+    zero = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
+    agnostic = crit.set_loss(out["enc_outputs"], zero, 2.0, "_enc")
+    specific = crit.set_loss(out["enc_outputs"], targets, 2.0, "_enc")
+    torch.testing.assert_close(losses["deformable_detr"]["loss_ce_enc"], agnostic["loss_ce_enc"])
+    torch.testing.assert_close(losses["sparse_detr"]["loss_ce_enc"], specific["loss_ce_enc"])
+    assert not torch.allclose(agnostic["loss_ce_enc"], specific["loss_ce_enc"])
+    torch.testing.assert_close(losses["deformable_detr"]["loss_ce"], losses["sparse_detr"]["loss_ce"])

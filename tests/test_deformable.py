@@ -11,16 +11,22 @@ from effdetr import config as C
 from effdetr.evaluation.flops import count_flops
 from effdetr.models import build_model
 from effdetr.models.criterion import build_criterion
-from effdetr.models.deformable_transformer import DeformableEncoder, DeformableEncoderLayer, valid_ratios
+from effdetr.models.deformable_transformer import (DeformableEncoder, DeformableEncoderLayer, inverse_sigmoid,
+                                                   token_proposals, valid_ratios)
 from effdetr.models.focal_criterion import sigmoid_focal_loss
 from effdetr.models.matcher import HungarianMatcher
-from effdetr.models.sparse_detr import attention_map, dam_target, keep_counts, select_tokens
+from effdetr.models.sparse_detr import ScoringNetwork, attention_map, dam_loss, dam_target, keep_counts, select_tokens
 
 VARIANTS = {
     "plain": {},
     "topk_bbr": {"deformable": {"two_stage": True, "box_refine": True}},
-    "sparse_dam": {"deformable": {"two_stage": True, "box_refine": True}, "sparse": {"rho": 0.3}},
-    "sparse_objectness": {"deformable": {"two_stage": True, "box_refine": True},
+    "topk_bbr_sparse_variant": {"deformable": {"two_stage": True, "box_refine": True,
+                                               "two_stage_variant": "sparse_detr"}},
+    "two_stage_only": {"deformable": {"two_stage": True}},
+    "two_stage_only_sparse_variant": {"deformable": {"two_stage": True, "two_stage_variant": "sparse_detr"}},
+    "sparse_dam": {"deformable": {"two_stage": True, "box_refine": True, "two_stage_variant": "sparse_detr"},
+                   "sparse": {"rho": 0.3}},
+    "sparse_objectness": {"deformable": {"two_stage": True, "box_refine": True, "two_stage_variant": "sparse_detr"},
                           "sparse": {"rho": 0.3, "saliency": "objectness"}},
     "sparse_no_aux_no_topk": {"sparse": {"rho": 0.3, "enc_aux_loss": False}},
     "lite_h2_kda": {"deformable": {"two_stage": True, "box_refine": True},
@@ -211,3 +217,188 @@ def test_sparse_encoder_flops_grow_with_rho():
 def test_bad_deformable_params_name_the_key(over, key):
     with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
         model_cfg(**over)
+
+
+# -- the official forward, written from fundamentalvision/Deformable-DETR and kakaobrain/sparse-detr
+
+def capture_decoder(model):
+    """Wrap the decoder to record (hs, references) of the last forward."""
+    seen, forward = {}, model.decoder.forward
+
+    def wrapped(*args, **kwargs):
+        hs, refs, samplings = forward(*args, **kwargs)
+        seen.update(hs=hs, refs=refs)
+        return hs, refs, samplings
+    model.decoder.forward = wrapped
+    return seen
+
+
+@torch.no_grad()
+def test_box_refinement_turns_points_into_boxes_after_the_first_layer():
+    """One-stage refinement: after layer 1 the 2-d reference becomes the 4-d box
+    sigmoid([dxy + logit(ref), dwh]); later layers move that box as a whole."""
+    torch.manual_seed(0)
+    model = build_model(model_cfg(deformable={"box_refine": True})).eval()
+    for p in model.bbox_embed.parameters():
+        p.normal_(0, 0.3)
+    seen = capture_decoder(model)
+    out = model(*batch())
+    hs, refs = seen["hs"], seen["refs"]
+    assert refs[0].shape[-1] == 2 and refs[1].shape[-1] == 4
+    delta = model.bbox_embed[0](hs[0])
+    expected = torch.cat([delta[..., :2] + inverse_sigmoid(refs[0]), delta[..., 2:]], -1).sigmoid()
+    torch.testing.assert_close(refs[1], expected)
+    torch.testing.assert_close(out["pred_boxes"], (model.bbox_embed[1](hs[1]) + inverse_sigmoid(refs[1])).sigmoid())
+
+
+def official_proposals(shapes, padding):
+    """gen_encoder_output_proposals: centres (i + 0.5) / valid cells, side 0.05 * 2^lvl."""
+    b, out, start = padding.shape[0], [], 0
+    for lvl, (h, w) in enumerate(shapes):
+        m = padding[:, start:start + h * w].view(b, h, w, 1)
+        valid_h, valid_w = (~m[:, :, 0, 0]).sum(1), (~m[:, 0, :, 0]).sum(1)
+        gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h), torch.linspace(0, w - 1, w), indexing="ij")
+        grid = torch.cat([gx[..., None], gy[..., None]], -1)
+        scale = torch.cat([valid_w[:, None], valid_h[:, None]], 1).view(b, 1, 1, 2)
+        grid = (grid[None].expand(b, -1, -1, -1) + 0.5) / scale
+        out.append(torch.cat([grid, torch.ones_like(grid) * 0.05 * 2.0 ** lvl], -1).view(b, -1, 4))
+        start += h * w
+    props = torch.cat(out, 1)
+    ok = ((props > 0.01) & (props < 0.99)).all(-1, keepdim=True)
+    props = torch.log(props / (1 - props)).masked_fill(padding[..., None], float("inf")).masked_fill(~ok, float("inf"))
+    return props, ok[..., 0]
+
+
+def official_sine(coords_unact, dim):
+    """get_proposal_pos_embed (num_pos_feats = C / 2, 128 at C = 256)."""
+    feats = dim // 2
+    dim_t = 10000 ** (2 * (torch.arange(feats, dtype=torch.float32) // 2) / feats)
+    pos = coords_unact.sigmoid()[..., None] * (2 * math.pi) / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+
+
+def test_token_proposals_are_the_official_ones():
+    _, mask = batch()
+    shapes = [(8, 10), (4, 5), (2, 3), (1, 2)]
+    masks = [torch.nn.functional.interpolate(mask[None].float(), size=s)[0].bool() for s in shapes]
+    padding = torch.cat([m.flatten(1) for m in masks], 1)
+    anchors, usable = token_proposals(shapes, padding)
+    ref, ok = official_proposals(shapes, padding)
+    assert torch.equal(usable, ok & ~padding) and torch.equal(anchors, ref)
+
+
+@pytest.mark.parametrize("variant", ["deformable_detr", "sparse_detr"])
+def test_two_stage_queries_follow_the_official_code(variant):
+    torch.manual_seed(0)
+    model = build_model(model_cfg(deformable={"two_stage": True, "box_refine": True,
+                                              "two_stage_variant": variant})).eval()
+    for p in list(model.class_embed.parameters()) + list(model.bbox_embed.parameters()):
+        p.data.normal_(0, 0.5)  # a proposal head with opinions, so that the ranking matters
+    with torch.no_grad():
+        out = model(*batch())
+    memory = out["memory"].detach().requires_grad_()
+    padding, shapes = out["padding"], out["context"]["shapes"]
+    anchors, usable = token_proposals(shapes, padding)
+    tgt, query_pos, reference = model.decoder_queries(memory, {}, anchors, usable)
+
+    props, ok = official_proposals(shapes, padding)
+    feats = model.enc_output_norm(model.enc_output(memory.masked_fill(padding[..., None], 0).masked_fill(
+        ~ok[..., None], 0)))
+    cls = model.class_embed[model.dec_layers](feats)
+    coords = model.bbox_embed[model.dec_layers](feats) + props
+    score = cls.topk(1, dim=2).values[..., 0] if variant == "sparse_detr" else cls[..., 0]
+    top = torch.topk(score, model.num_queries, dim=1)[1]
+    top_coords = torch.gather(coords, 1, top[..., None].repeat(1, 1, 4)).detach()
+    pos = model.pos_trans_norm(model.pos_trans(official_sine(top_coords, model.dim)))
+    torch.testing.assert_close(reference, top_coords.sigmoid())
+    if variant == "sparse_detr":
+        assert model.pos_trans.out_features == model.dim
+        torch.testing.assert_close(query_pos, pos)
+        torch.testing.assert_close(tgt, torch.gather(memory, 1, top[..., None].repeat(1, 1, memory.shape[-1])))
+        tgt.sum().backward()  # the content is the memory itself, not detached
+        assert memory.grad is not None and memory.grad.abs().sum() > 0
+    else:
+        assert model.pos_trans.out_features == 2 * model.dim
+        torch.testing.assert_close(query_pos, pos[..., :model.dim])
+        torch.testing.assert_close(tgt, pos[..., model.dim:])
+    # the proposals are scored over every token, padded ones included (no masking)
+    torch.testing.assert_close(out["enc_outputs"]["pred_logits"], cls.detach())
+    assert (out["enc_outputs"]["pred_boxes"][padding] == 1).all()
+
+
+@pytest.mark.parametrize("variant", ["deformable_detr", "sparse_detr"])
+@torch.no_grad()
+def test_two_stage_without_box_refine_refines_with_the_shared_heads(variant):
+    """Sparse DETR's fork (Deformable DETR's code fails on --two_stage alone)."""
+    torch.manual_seed(0)
+    model = build_model(model_cfg(deformable={"two_stage": True, "two_stage_variant": variant})).eval()
+    for p in model.bbox_embed.parameters():
+        p.normal_(0, 0.3)
+    assert model.class_embed[0] is model.class_embed[-1]  # shared heads, the proposal head included
+    seen = capture_decoder(model)
+    model(*batch())
+    delta = model.bbox_embed[0](seen["hs"][0])
+    torch.testing.assert_close(seen["refs"][1], (delta + inverse_sigmoid(seen["refs"][0])).sigmoid())
+
+
+def test_head_sharing_and_init_follow_the_official_code():
+    one_stage = build_model(model_cfg(deformable={"box_refine": True}))
+    assert (one_stage.bbox_embed[0].layers[-1].bias[2:] == -2).all()
+    assert (one_stage.bbox_embed[1].layers[-1].bias == 0).all()
+    plain = build_model(model_cfg())
+    assert plain.class_embed[0] is plain.class_embed[1] and (plain.bbox_embed[1].layers[-1].bias[2:] == -2).all()
+    # Sparse DETR clones the heads when it has encoder aux heads, even without box refinement
+    sparse = build_model(model_cfg(deformable={"two_stage": True, "two_stage_variant": "sparse_detr"},
+                                   sparse={"rho": 0.3}))
+    assert len(sparse.class_embed) == 3 and sparse.class_embed[0] is not sparse.class_embed[1]
+    assert all((b.layers[-1].bias == 0).all() for b in sparse.bbox_embed)
+
+
+def test_scorer_reads_the_two_stage_projection():
+    torch.manual_seed(0)
+    model = build_model(model_cfg(deformable={"two_stage": True, "box_refine": True,
+                                              "two_stage_variant": "sparse_detr"}, sparse={"rho": 0.3})).eval()
+    seen = {}
+    model.scorer.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    images, mask = batch()
+    with torch.no_grad():
+        out = model(images, mask)
+        src, pos, padding, shapes, _ = model.multiscale_inputs(images, mask)
+        _, ok = official_proposals(shapes, padding)
+        x = (src + pos).masked_fill(padding[..., None], 0).masked_fill(~ok[..., None], 0)
+        torch.testing.assert_close(seen["x"], model.enc_output_norm(model.enc_output(x)))
+    torch.testing.assert_close(out["saliency"]["logits"], seen["out"])
+
+
+def test_scoring_network_is_sparse_detrs_mask_predictor():
+    """MaskPredictor: the mean runs over every token of the padded map; the official
+    forward then fills padding with the batch minimum."""
+    torch.manual_seed(0)
+    net = ScoringNetwork(16)
+    x, padding = torch.randn(2, 7, 16), torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    z = net.layer1(x)
+    z_local, z_global = torch.split(z, 8, dim=-1)
+    z = torch.cat([z_local, z_global.mean(dim=1, keepdim=True).expand(-1, 7, -1)], -1)
+    ref = net.layer2(z).squeeze(-1)
+    ref = ref.masked_fill(padding, ref.min())
+    torch.testing.assert_close(net(x, padding), ref)
+    target = (torch.rand(2, 7) > 0.5).float() * ~padding
+    official_loss = torch.nn.functional.multilabel_soft_margin_loss(ref, target)
+    torch.testing.assert_close(dam_loss(ref, target, padding), official_loss)
+
+
+def test_sparse_encoder_carries_the_kept_queries_from_layer_to_layer():
+    """Slots past an image's keep count are never written back, but (as the official
+    ``tgt``) go on through the layers, and feed the aux heads as they are."""
+    torch.manual_seed(0)
+    shapes = [(4, 5), (2, 3)]
+    enc = DeformableEncoder(DeformableEncoderLayer(16, 2, 2, 2, 32, 0.0), 3)
+    src, pos = torch.randn(2, 26, 16), torch.randn(2, 26, 16)
+    padding = torch.zeros(2, 26, dtype=torch.bool)
+    ratios = valid_ratios([torch.zeros(2, 4, 5, dtype=torch.bool), torch.zeros(2, 2, 3, dtype=torch.bool)])
+    keep = torch.tensor([[0, 7, 21], [3, 4, 25]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    seen = []
+    enc(src, pos, shapes, padding, ratios, keep, valid, after_layer=lambda i, q: seen.append(q))
+    assert len(seen) == 2 and not torch.equal(seen[0][1, 2], seen[1][1, 2])

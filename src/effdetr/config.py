@@ -122,8 +122,10 @@ class DeformableConfig:
     two_stage_variant: Literal["deformable_detr", "sparse_detr"] = _f(
         "deformable_detr", doc="deformable_detr: Deformable DETR's ++two-stage (rank by the class-0 logit, "
         "positional and content queries from one 2d->2d projection of the anchors' sine embedding); "
-        "sparse_detr: Sparse DETR's --eff_query_init --eff_specific_head (content = the top-k memory, "
-        "positional from a 2d->d projection, the scoring network reads the two-stage head's projection)")
+        "sparse_detr: Sparse DETR's --eff_query_init --eff_specific_head (rank by the best class logit, "
+        "content = the top-k memory, positional from a 2d->d projection). Both: the proposal head's "
+        "input projection is what the scoring network reads; two-stage decoders always refine their "
+        "boxes; deformable_detr trains its proposals class-agnostic, sparse_detr class-specific")
     box_refine: bool = _f(False, doc="iterative box refinement: unshared per-layer heads move the references")
     skip_finest: int = _f(0, lo=0, hi=2, doc="leave out the finest backbone maps (1 = no C3/S4: Lite DETR's "
                           "3-scale model, with num_levels: 3 -> C4, C5 + one extra level)")

@@ -76,7 +76,8 @@ class SetCriterion(nn.Module):
 def build_criterion(model_cfg, loss_cfg) -> nn.Module:
     if model_cfg.arch == "deformable":
         from .focal_criterion import build_focal_criterion
-        return build_focal_criterion(loss_cfg)
+        # Deformable DETR's two-stage head ranks by class 0: it is trained class-agnostic
+        return build_focal_criterion(loss_cfg, model_cfg.deformable.two_stage_variant == "deformable_detr")
     matcher = HungarianMatcher(loss_cfg.cost_class, loss_cfg.cost_l1, loss_cfg.cost_giou)
     weights = {"loss_ce": loss_cfg.ce, "loss_bbox": loss_cfg.l1, "loss_giou": loss_cfg.giou}
     return SetCriterion(model_cfg.num_classes, matcher, weights, loss_cfg.eos_coef)

@@ -48,13 +48,21 @@ def token_centres(spatial_shapes: list[tuple[int, int]], ratios: Tensor) -> Tens
     return torch.cat(refs, 1)
 
 
-def token_proposals(spatial_shapes: list[tuple[int, int]], ratios: Tensor, padding: Tensor) -> tuple[Tensor, Tensor]:
-    """Two-stage anchors: a box of side 0.05 * 2^level at every token centre, in logit space
-    -> (anchors [B,S,4], usable [B,S]); padded or near-border tokens get +inf (unusable)."""
-    centres = token_centres(spatial_shapes, ratios)
-    sizes = torch.cat([torch.full((h * w,), 0.05 * 2.0 ** lvl, device=ratios.device)
-                       for lvl, (h, w) in enumerate(spatial_shapes)])
-    boxes = torch.cat([centres, sizes[None, :, None].expand(centres.shape[0], -1, 2)], -1)
+def token_proposals(spatial_shapes: list[tuple[int, int]], padding: Tensor) -> tuple[Tensor, Tensor]:
+    """Two-stage anchors (the official ``gen_encoder_output_proposals``): a box of side
+    0.05 * 2^level at every token centre, the centre divided by the level's unpadded cell
+    count, in logit space -> (anchors [B,S,4], usable [B,S]); padded tokens and those with a
+    coordinate outside (0.01, 0.99) are unusable, their anchors +inf (sigmoid 1)."""
+    b, out, start = padding.shape[0], [], 0
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        pad = padding[:, start:start + h * w].view(b, h, w)
+        valid = torch.stack([(~pad[:, 0, :]).sum(1), (~pad[:, :, 0]).sum(1)], -1).float()  # (W, H)
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=padding.device),
+                                torch.arange(w, dtype=torch.float32, device=padding.device), indexing="ij")
+        centre = (torch.stack([xs, ys], -1).view(1, -1, 2) + 0.5) / valid[:, None, :]
+        out.append(torch.cat([centre, torch.full_like(centre, 0.05 * 2.0 ** lvl)], -1))
+        start += h * w
+    boxes = torch.cat(out, 1)
     usable = ((boxes > 0.01) & (boxes < 0.99)).all(-1) & ~padding
     anchors = torch.log(boxes / (1 - boxes)).masked_fill(~usable[..., None], float("inf"))
     return anchors, usable
@@ -109,31 +117,32 @@ class DeformableEncoder(nn.Module):
     def forward(self, src, pos, spatial_shapes, padding, ratios, keep: Tensor | None = None,
                 keep_valid: Tensor | None = None, after_layer=None) -> Tensor:
         """src/pos [B,S,C]; keep [B,K] token indices to update (None = all); keep_valid [B,K]
-        False where an image keeps fewer than K tokens (those slots are left unchanged).
-        ``after_layer(i, kept_tokens)`` is called after every layer but the last (encoder
-        auxiliary heads)."""
+        False where an image keeps fewer than K tokens. As in Sparse DETR's encoder, the kept
+        queries are carried from layer to layer and only an image's valid slots are written
+        back into the map (the others stay keys/values as they were). ``after_layer(i,
+        queries)`` is called after every layer but the last (encoder auxiliary heads)."""
         refs = token_centres(spatial_shapes, ratios)[:, :, None] * ratios[:, None]  # [B,S,L,2]
-        if keep is not None:
-            refs, pos_k = gather_tokens(refs, keep), gather_tokens(pos, keep)
-        for i, layer in enumerate(self.layers):
-            if keep is None:
+        if keep is None:
+            for i, layer in enumerate(self.layers):
                 src = layer(src, pos, refs, src, spatial_shapes, padding)
-                kept = src
-            else:
-                old = gather_tokens(src, keep)
-                kept = layer(old, pos_k, refs, src, spatial_shapes, padding)
-                if keep_valid is not None:
-                    kept = torch.where(keep_valid[..., None], kept, old)
-                src = src.scatter(1, keep[..., None].expand_as(kept), kept)
+                if after_layer is not None and i < len(self.layers) - 1:
+                    after_layer(i, src)
+            return src
+        refs, pos, tgt = gather_tokens(refs, keep), gather_tokens(pos, keep), gather_tokens(src, keep)
+        index = keep[..., None].expand_as(tgt)
+        for i, layer in enumerate(self.layers):
+            tgt = layer(tgt, pos, refs, src, spatial_shapes, padding)
+            new = tgt if keep_valid is None else torch.where(keep_valid[..., None], tgt, src.gather(1, index))
+            src = src.scatter(1, index, new)
             if after_layer is not None and i < len(self.layers) - 1:
-                after_layer(i, kept)
+                after_layer(i, tgt)
         return src
 
 
 class DeformableDecoderLayer(nn.Module):
     def __init__(self, dim, heads, levels, points, ffn_dim, dropout, key_aware: bool = False):
         super().__init__()
-        self.self_attn = MultiHeadAttention(dim, heads)
+        self.self_attn = MultiHeadAttention(dim, heads, dropout=dropout)
         self.cross_attn = deformable_attention(dim, heads, levels, points, key_aware)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -150,30 +159,32 @@ class DeformableDecoderLayer(nn.Module):
 
 class DeformableDecoder(nn.Module):
     """Returns every layer's output and the reference (sigmoid space) each layer started from.
-    With ``box_heads`` (iterative refinement) layer d's predicted delta moves the reference
-    of layer d+1 (detached, as in the paper)."""
+    With ``box_heads`` (iterative refinement) layer d's predicted delta moves the reference of
+    layer d+1, detached, as in the official decoder: a 2-d point becomes a 4-d box after the
+    first layer (the head's (w, h) taken as they are), a box is moved as a whole."""
 
     def __init__(self, layer: DeformableDecoderLayer, num_layers: int):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
-        self.box_heads: nn.ModuleList | None = None  # set by the detector for box refinement
 
-    def forward(self, tgt, query_pos, reference, memory, spatial_shapes, padding, ratios):
+    def forward(self, tgt, query_pos, reference, memory, spatial_shapes, padding, ratios,
+                box_heads: nn.ModuleList | None = None):
         outputs, references, samplings = [], [], []
         for i, layer in enumerate(self.layers):
-            if reference.shape[-1] == 4:
-                ref_in = reference[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
-            else:
-                ref_in = reference[:, :, None] * ratios[:, None]
+            scale = torch.cat([ratios, ratios], -1) if reference.shape[-1] == 4 else ratios
             references.append(reference)
-            tgt, sampling = layer(tgt, query_pos, ref_in, memory, spatial_shapes, padding)
+            tgt, sampling = layer(tgt, query_pos, reference[:, :, None] * scale[:, None], memory, spatial_shapes,
+                                  padding)
             outputs.append(tgt)
             samplings.append(sampling)
-            if self.box_heads is not None:
-                delta = self.box_heads[i](tgt)
-                if reference.shape[-1] == 4:
-                    reference = (delta + inverse_sigmoid(reference)).sigmoid().detach()
-                else:
-                    reference = (delta[..., :2] + inverse_sigmoid(reference)).sigmoid().detach()
+            if box_heads is not None:
+                reference = refine(box_heads[i](tgt), reference).sigmoid().detach()
         return torch.stack(outputs), references, samplings
 
+
+def refine(delta: Tensor, reference: Tensor) -> Tensor:
+    """A box head's delta [.., 4] applied to a reference in sigmoid space (2-d point or 4-d
+    box) -> box logits [.., 4]."""
+    if reference.shape[-1] == 4:
+        return delta + inverse_sigmoid(reference)
+    return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1)

@@ -29,10 +29,14 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float, gamma: flo
 
 
 class FocalSetCriterion(nn.Module):
+    """``enc_class_agnostic``: the two-stage proposals learn objectness (every target labelled
+    0), as Deformable DETR's criterion and Sparse DETR's without ``--eff_specific_head``."""
+
     def __init__(self, matcher: HungarianMatcher, weights: dict[str, float], alpha: float = 0.25,
-                 gamma: float = 2.0):
+                 gamma: float = 2.0, enc_class_agnostic: bool = False):
         super().__init__()
         self.matcher, self.weights, self.alpha, self.gamma = matcher, dict(weights), alpha, gamma
+        self.enc_class_agnostic = enc_class_agnostic
 
     def set_loss(self, out: dict, targets: list[dict], num_boxes: float, suffix: str,
                  class_agnostic: bool = False, indices=None) -> dict[str, Tensor]:
@@ -56,7 +60,8 @@ class FocalSetCriterion(nn.Module):
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self.set_loss(aux, targets, num_boxes, f"_{i}", indices=indices))
         if "enc_outputs" in outputs:
-            losses.update(self.set_loss(outputs["enc_outputs"], targets, num_boxes, "_enc"))
+            losses.update(self.set_loss(outputs["enc_outputs"], targets, num_boxes, "_enc",
+                                        class_agnostic=self.enc_class_agnostic))
         for i, aux in enumerate(outputs.get("enc_aux_outputs", [])):
             losses.update(self.set_loss(aux, targets, num_boxes, f"_encaux{i}"))
         if "backbone_outputs" in outputs:
@@ -72,9 +77,9 @@ class FocalSetCriterion(nn.Module):
         return sum(v * self.weights["_".join(k.split("_")[:2])] for k, v in losses.items())
 
 
-def build_focal_criterion(loss_cfg) -> FocalSetCriterion:
+def build_focal_criterion(loss_cfg, enc_class_agnostic: bool = False) -> FocalSetCriterion:
     matcher = HungarianMatcher(loss_cfg.cost_class, loss_cfg.cost_l1, loss_cfg.cost_giou,
                                focal_alpha=loss_cfg.focal_alpha, focal_gamma=loss_cfg.focal_gamma)
     weights = {"loss_ce": loss_cfg.ce, "loss_bbox": loss_cfg.l1, "loss_giou": loss_cfg.giou,
                "loss_saliency": loss_cfg.saliency}
-    return FocalSetCriterion(matcher, weights, loss_cfg.focal_alpha, loss_cfg.focal_gamma)
+    return FocalSetCriterion(matcher, weights, loss_cfg.focal_alpha, loss_cfg.focal_gamma, enc_class_agnostic)

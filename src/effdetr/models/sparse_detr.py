@@ -13,25 +13,25 @@ from torch import Tensor, nn
 
 
 class ScoringNetwork(nn.Module):
-    """Token saliency logits: a per-token MLP whose first layer sees half local features and
-    half the image's mean feature (the paper's MaskPredictor), on LN(Linear(x + pos))."""
+    """Token saliency logits: Sparse DETR's ``MaskPredictor`` (same module names, so its
+    ``transformer.enc_mask_predictor`` maps 1:1). A per-token MLP whose first layer's output
+    is half kept local, half replaced by its mean over the image. Its input is the two-stage
+    head's projection of (features + position), made by the detector."""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.input_proj, self.input_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
         self.layer1 = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
         self.layer2 = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
                                     nn.Linear(dim // 4, 1))
 
     def forward(self, tokens: Tensor, padding: Tensor) -> Tensor:
-        """tokens [B,S,C] (features + position), padding [B,S] -> logits [B,S] (-inf on padding)."""
-        x = self.input_norm(self.input_proj(tokens)).masked_fill(padding[..., None], 0.0)
-        z = self.layer1(x)
+        """tokens [B,S,C], padding [B,S] -> logits [B,S]. As the official code: the mean runs
+        over every token of the padded map, and padded tokens get the batch's lowest logit."""
+        z = self.layer1(tokens)
         local, glob = z.chunk(2, dim=-1)
-        valid = (~padding).float()[..., None]
-        mean = (glob * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
-        z = torch.cat([local, mean.expand_as(glob)], -1)
-        return self.layer2(z).squeeze(-1).masked_fill(padding, float("-inf"))
+        z = torch.cat([local, glob.mean(1, keepdim=True).expand_as(glob)], -1)
+        logits = self.layer2(z).squeeze(-1)
+        return logits.masked_fill(padding, logits.min())
 
 
 def keep_counts(padding: Tensor, rho: float) -> Tensor:
@@ -89,6 +89,8 @@ def dam_target(attn_map: Tensor, padding: Tensor, rho: float) -> Tensor:
 
 
 def dam_loss(logits: Tensor, target: Tensor, padding: Tensor) -> Tensor:
-    """BCE-with-logits averaged over the unpadded tokens of the batch."""
-    valid = ~padding
-    return F.binary_cross_entropy_with_logits(logits[valid].float(), target[valid])
+    """BCE-with-logits averaged over every token of the batch, padding included (target 0,
+    logit at the batch minimum): the official ``multilabel_soft_margin_loss``. ``padding``
+    is kept for the callers' contract."""
+    del padding
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
