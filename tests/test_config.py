@@ -37,6 +37,14 @@ def test_repo_params_are_valid():
     (lambda e: e["act"].update(init_from="detr_dc5_official"), "init_from", "does not exist in profile 'synth'"),
     (lambda e: e["detr_dc5_official"].update(profiles=["cocoa"]), "experiments.detr_dc5_official.profiles",
      "no such profile 'cocoa'"),
+    (lambda e: e["detr_dc5_official"].update(profiles=[]), "experiments.detr_dc5_official.profiles", "is empty"),
+    (lambda e: e["detr_dc5_official"].update(import_checkpoint={"format": "sparse_detr", "file": "x.pth"}),
+     "experiments.detr_dc5_official(profile coco).import_checkpoint.format",
+     "'sparse_detr' checkpoints need model.arch: deformable with model.sparse.rho"),
+    (lambda e: e["deformable_detr_topk_seed43"]["overrides"]["model"].update(dec_layers=4),
+     "seed_spread.deformable", "'deformable_detr_topk_seed43' differs from 'deformable_detr_topk' in model.dec_layers"),
+    (lambda e: e["act_L32_hashseed100"].update(init_from="act_mtkd_L32"), "seed_spread.act_hash",
+     "differs from 'act_L32' in init_from"),
 ])
 def test_import_experiments_are_checked_on_load(tmp_path, mutate, path, msg):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -194,3 +202,12 @@ def test_sweep_expands_into_one_experiment_per_value():
     assert cfg16.model.encoder_attention == "act" and exp.init_from == "detr_dc5"
     with pytest.raises(ConfigError, match="no such experiment"):
         experiment_config(TINY, "act")
+
+
+@pytest.mark.parametrize("sizes", [[], [4, 4]])
+def test_fps_batch_sizes_need_each_size_once(raw, tmp_path, sizes):
+    raw["profiles"]["synth"]["eval"]["fps_batch_sizes"] = sizes
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"profiles\.synth\.eval\.fps_batch_sizes: .* each once"):
+        load_params(f)

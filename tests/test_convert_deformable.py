@@ -264,3 +264,24 @@ def test_shared_heads_must_be_equal_copies():
     official["class_embed.1.bias"] = official["class_embed.1.bias"] + 1
     with pytest.raises(ConversionError, match=r"class_embed\.1\.bias: differs from class_embed\.0\.bias"):
         convert_deformable(official, model, "shared.pth")
+
+
+def test_plain_file_into_a_refining_model_is_refused_and_args_are_checked():
+    """Shared head copies fit a box-refinement model too; the decoder's bbox_embed handle
+    (present exactly when the official model refines) and the saved args tell them apart."""
+    import argparse
+    torch.manual_seed(0)
+    hf = hf_model(1, False, False)
+    official = deformable_hf_to_official(hf.state_dict())
+    refining = build_model(effdetr_cfg(1, box_refine=True))
+    with pytest.raises(ConversionError, match=r"transformer\.decoder\.bbox_embed\.\*: absent in the file.*"
+                                              r"did not refine boxes; the experiment's model does"):
+        convert_deformable({"model": official}, refining, "plain.pth")
+    cfg = effdetr_cfg(1)
+    plain = build_model(cfg)
+    args = argparse.Namespace(with_box_refine=False, two_stage=False, dilation=True, num_feature_levels=1)
+    with pytest.raises(ConversionError, match=r"dc5\.pth: trained with other settings.*args\.dilation = True "
+                                              r"but the model has False"):
+        convert_deformable({"model": official, "args": args}, plain, "dc5.pth", "deformable_detr", cfg)
+    args.dilation = False
+    convert_deformable({"model": official, "args": args}, plain, "ok.pth", "deformable_detr", cfg)

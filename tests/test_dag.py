@@ -103,9 +103,11 @@ def test_released_target_plans_only_the_imports_and_their_evaluations(tmp_path):
     r = snakemake("released", "-n", "--forceall", "--config", f"params={params}")
     assert r.returncode == 0, r.stderr
     jobs = set(re.findall(r"^rule (\w+):", r.stdout, flags=re.M)) - {"released"}
-    official = [n for n, (_, e) in stages.expand_experiments(raw["experiments"], "p").items() if e.get("profiles")]
-    assert jobs == {"data"} | {f"import_{n}" for n in official if n.startswith(("detr_", "deformable", "sparse"))
-                               and "act_" not in n} | {f"eval_{n}" for n in official}
+    expanded = stages.expand_experiments(raw["experiments"], "p")
+    imported = {n for n, (_, e) in expanded.items() if "import" in e["stages"]}
+    derived = {n for n, (_, e) in expanded.items() if e.get("init_from") in imported}
+    assert len(imported) == 13 and len(derived) == 5
+    assert jobs == {"data"} | {f"import_{n}" for n in imported} | {f"eval_{n}" for n in imported | derived}
     assert not any(j.startswith("train_") for j in jobs) and "eval_act_official_L16" in jobs
     synth = snakemake("released", "-n", "--forceall")
     assert synth.returncode == 0, synth.stderr

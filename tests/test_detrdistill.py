@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from effdetr.distill.detrdistill import (class_divergence, feature_loss, feature_mask, instance_terms,
-                                         match_predictions, query_quality, relation_loss)
+from effdetr.distill.detrdistill import (class_divergence, cosine_feature_mask, feature_loss, feature_mask,
+                                         instance_terms, masked_mse, match_predictions, query_quality, relation_loss,
+                                         topk_query_quality)
 from effdetr.utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 
@@ -145,3 +146,93 @@ def test_feature_mask_and_loss_against_a_loop():
             den += m * 4
     assert feature_loss(tf, sf, mask).item() == pytest.approx(num / den, rel=1e-5)
     assert feature_loss(tf, tf, mask).item() == 0.0
+
+
+def iou_ref(a, b):
+    """IoU of two (cx, cy, w, h) boxes, plain floats."""
+    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
+    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def topk_quality_ref(logits, boxes, targets, sigmoid, k):
+    """Per image: sort every (query, class) foreground score, keep the top k, and credit
+    each pair's query with score x its best IoU with the ground truth (score alone
+    without ground truth)."""
+    out = []
+    for b, tgt in enumerate(targets):
+        probs = logits[b].sigmoid() if sigmoid else logits[b].softmax(-1)[:, :-1]
+        pairs = sorted(((probs[q, c].item(), q) for q in range(probs.shape[0]) for c in range(probs.shape[1])),
+                       reverse=True)[:k]
+        weights = [0.0] * probs.shape[0]
+        for score, q in pairs:
+            gts = tgt["boxes"].tolist()
+            weights[q] += score * (max(iou_ref(boxes[b, q].tolist(), g) for g in gts) if gts else 1.0)
+        out.append(weights)
+    return torch.tensor(out)
+
+
+def cosine_mask_ref(tq, tf, weights, padding, sizes):
+    """sum_j w_j cos(q_j, f_n), clamped at 0.01, zero on padding, / the image-level max."""
+    mask = torch.zeros(tf.shape[:2])
+    for b in range(tf.shape[0]):
+        start = 0
+        for size in sizes:
+            cells = range(start, start + size)
+            for n in cells:
+                if padding is None or not padding[b, n]:
+                    raw = sum(w * (q @ tf[b, n]).item() / (q.norm() * tf[b, n].norm()).item()
+                              for w, q in zip(weights[b].tolist(), tq[b]))
+                    mask[b, n] = max(raw, 0.01)
+            top = max(mask[b, n].item() for n in cells)
+            for n in cells:
+                mask[b, n] /= top
+            start += size
+    return mask
+
+
+def masked_mse_ref(tf, sf, mask, sizes):
+    """Per level: mean over images, tokens and channels of (m * (f_t - f_s))^2; summed."""
+    total, start = 0.0, 0
+    for size in sizes:
+        sq = sum(((mask[b, n] * (tf[b, n, c] - sf[b, n, c])) ** 2).item() for b in range(tf.shape[0])
+                 for n in range(start, start + size) for c in range(tf.shape[2]))
+        total += sq / (tf.shape[0] * size * tf.shape[2])
+        start += size
+    return total
+
+
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_topk_quality_credits_the_top_query_class_pairs_against_a_loop(sigmoid):
+    """Official weights: the top-k (query, class) pairs, not every query's best class; a
+    query in several pairs is credited for each; an image without objects keeps the score."""
+    t = preds(2, 6, 4, 8)
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.3, 0.4, 0.2, 0.2]]), "labels": torch.tensor([0, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    got = topk_query_quality(t["pred_logits"], t["pred_boxes"], targets, sigmoid, k=7)
+    want = topk_quality_ref(t["pred_logits"], t["pred_boxes"], targets, sigmoid, 7)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got[1] > 0).sum() < 6  # top-k: some queries get nothing
+    # the first reading (best class x IoU, 0 without objects) differs
+    assert not torch.allclose(got, query_quality(t["pred_logits"], t["pred_boxes"], targets, sigmoid))
+
+
+def test_cosine_mask_and_per_level_mse_against_a_loop():
+    """Normalised queries and features, quality weighting, clamp at 0.01, / the max of each
+    image's level, zero on padding; the loss is MSE(M*Ft, M*Fs) per level, summed."""
+    g = torch.Generator().manual_seed(9)
+    tq, tf, sf = torch.randn(2, 3, 4, generator=g), torch.randn(2, 7, 4, generator=g), torch.randn(2, 7, 4, generator=g)
+    weights = torch.rand(2, 3, generator=g)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 2:4] = padding[1, 6] = True
+    sizes = [4, 3]
+    mask = cosine_feature_mask(3.0 * tq, 0.5 * tf, weights, padding, sizes)  # scale-free
+    want = cosine_mask_ref(tq, tf, weights, padding, sizes)
+    torch.testing.assert_close(mask, want, rtol=1e-5, atol=1e-6)
+    raw = (weights[..., None] * torch.nn.functional.cosine_similarity(tq[:, :, None], tf[:, None], dim=-1)).sum(1)
+    assert (raw[~padding] < 0.01).any()  # the clamp is exercised
+    for b in range(2):  # each image's level peaks at 1
+        assert want[b, :4].max() == pytest.approx(1.0) and want[b, 4:].max() == pytest.approx(1.0)
+    assert masked_mse(tf, sf, mask, sizes).item() == pytest.approx(masked_mse_ref(tf, sf, want, sizes), rel=1e-5)
+    assert masked_mse(tf, tf, mask, sizes).item() == 0.0

@@ -60,16 +60,17 @@ def test_every_part_trains_the_student_and_its_adapters_not_the_teacher(family, 
     assert student.query_embed.weight.grad is not None
 
 
+@pytest.mark.parametrize("stages", ["per_stage", "final"])
 @pytest.mark.parametrize("family", ["detr", "deformable"])
-def test_self_distillation_with_identity_adapters_is_lossless(family, tiny_cfg):
+def test_self_distillation_with_identity_adapters_is_lossless(family, stages, tiny_cfg):
     """Student = the teacher, adapters = identity: the instance, relation and feature terms
     vanish and the teacher-query stream's loss equals the teacher's own set loss under its
-    final-layer assignment."""
+    per-stage assignment (official) or its final-layer one for every stage."""
     teacher, _, _ = pair(family, tiny_cfg)
     student = copy.deepcopy(teacher)
     crit = (build_criterion(tiny_cfg.model, tiny_cfg.loss) if family == "detr"
             else build_criterion(deformable_cfg(), focal_loss_cfg()))
-    distiller = build_distiller(distill_cfg(), teacher, student)
+    distiller = build_distiller(distill_cfg(assignment_stages=stages), teacher, student)
     for lin in (distiller.adapt, distiller.taad.proj):
         torch.nn.init.eye_(lin.weight)
         torch.nn.init.zeros_(lin.bias)
@@ -78,12 +79,78 @@ def test_self_distillation_with_identity_adapters_is_lossless(family, tiny_cfg):
         out = teacher(images, mask)
         losses = distiller(out, out, targets=targets, student=student, teacher=teacher, criterion=crit,
                            num_aux=len(out["aux_outputs"]))
-        fixed = crit.matcher(out, targets)  # the teacher's final assignment, for every stage
+        fixed = crit.matcher(out, targets) if stages == "final" else None  # None: each stage matched itself
         own = crit.total(crit(out, targets, indices=fixed), len(out["aux_outputs"]))
     for k, v in losses.items():
         if k != "loss_taad":
             assert v.abs() < 1e-4, (k, v)
     torch.testing.assert_close(losses["loss_taad"], own, rtol=1e-5, atol=1e-6)
+
+
+def encoder_inputs_ref(model, images, mask):
+    """The projected backbone maps the encoder reads, [B,N,C], and the tokens per level."""
+    if hasattr(model, "multiscale_inputs"):
+        src, _, _, shapes, _ = model.multiscale_inputs(images, mask)
+        return src, [h * w for h, w in shapes]
+    src = model.input_proj(model.backbone(images, mask)[0]).flatten(2).transpose(1, 2)
+    return src, [src.shape[1]]
+
+
+@pytest.mark.parametrize("family", ["detr", "deformable"])
+def test_encoder_inputs_reach_the_outputs(family, tiny_cfg):
+    """The models return what the encoder reads (after input_proj): the official code's
+    imitation target, recomputed here from the model's own parts."""
+    teacher, student, _ = pair(family, tiny_cfg)
+    images, mask, _ = batch()
+    with torch.no_grad():
+        for model in (teacher, student):
+            want = encoder_inputs_ref(model, images, mask)[0]
+            torch.testing.assert_close(model(images, mask)["encoder_inputs"], want)
+
+
+@pytest.mark.parametrize("family", ["detr", "deformable"])
+def test_default_feature_term_is_the_official_per_stage_masked_mse(family, tiny_cfg):
+    """Encoder inputs imitated under each teacher stage's cosine mask (weights from that
+    stage's own top-k scores x IoU), one MSE per stage; the total sums them at weight
+    ``feature``."""
+    from tests.test_detrdistill import cosine_mask_ref, masked_mse_ref, topk_quality_ref
+    teacher, student, crit = pair(family, tiny_cfg)
+    distiller = build_distiller(distill_cfg(instance=0, relation=0, assignment=0, feature=0.5, feature_topk=7),
+                                teacher, student)
+    images, mask, targets = batch()
+    with torch.no_grad():
+        t_out, s_out = teacher(images, mask), student(images, mask)
+        losses = distiller(s_out, t_out, targets=targets, student=student, teacher=teacher, criterion=crit)
+        t_feat, sizes = encoder_inputs_ref(teacher, images, mask)
+        s_feat = distiller.adapt(encoder_inputs_ref(student, images, mask)[0])
+    stages = t_out["aux_outputs"] + [t_out]
+    assert set(losses) == {"loss_feature"} | {f"loss_feature_{k}" for k in range(len(stages) - 1)}
+    sigmoid = family == "deformable"
+    want = []
+    for k, stage in enumerate(stages):
+        weights = topk_quality_ref(stage["pred_logits"], stage["pred_boxes"], targets, sigmoid, 7)
+        m = cosine_mask_ref(t_out["hs"][k], t_feat, weights, t_out["padding"], sizes)
+        want.append(masked_mse_ref(t_feat, s_feat, m, sizes))
+        got = losses["loss_feature" if k == len(stages) - 1 else f"loss_feature_{k}"]
+        assert got.item() == pytest.approx(want[-1], rel=1e-4)
+    assert distiller.total(losses).item() == pytest.approx(0.5 * sum(want), rel=1e-4)
+
+
+def test_first_reading_stays_selectable(tiny_cfg):
+    """feature_source memory + feature_mask sigmoid_last: effdetr's first reading, unchanged."""
+    from effdetr.distill.detrdistill import feature_loss, feature_mask, query_quality
+    teacher, student, crit = pair("detr", tiny_cfg)
+    distiller = build_distiller(distill_cfg(instance=0, relation=0, assignment=0, feature_source="memory",
+                                            feature_mask="sigmoid_last"), teacher, student)
+    images, mask, targets = batch()
+    with torch.no_grad():
+        t_out, s_out = teacher(images, mask), student(images, mask)
+        losses = distiller(s_out, t_out, targets=targets, student=student, teacher=teacher, criterion=crit)
+        quality = query_quality(t_out["pred_logits"], t_out["pred_boxes"], targets, sigmoid=False)
+        m = feature_mask(t_out["hs"][-1], t_out["memory"], quality, t_out["padding"])
+        want = feature_loss(t_out["memory"], distiller.adapt(s_out["memory"]), m)
+    assert set(losses) == {"loss_feature"}
+    torch.testing.assert_close(losses["loss_feature"], want)
 
 
 def test_parts_switch_off_at_weight_zero(tiny_cfg):
@@ -95,7 +162,7 @@ def test_parts_switch_off_at_weight_zero(tiny_cfg):
         t_out = teacher(images, mask)
     losses = distiller(student(images, mask), t_out, targets=targets, student=student, teacher=teacher,
                        criterion=crit)
-    assert set(losses) == {"loss_feature"}
+    assert {re.sub(r"_\d+$", "", k) for k in losses} == {"loss_feature"}
 
 
 def test_mismatched_pairs_fail_with_a_clear_message(tiny_cfg):

@@ -106,4 +106,4 @@ def test_coco_profile_backbone_is_torchvision_imagenet_v1(coco_configs):
     for name in names:
         model = timm.create_model(name, pretrained=False)
         assert model.pretrained_cfg["tag"] == "tv_in1k", name
-        assert model.pretrained_cfg["url"].startswith("https://download.pytorch.org/models/resnet50-")
+        assert model.pretrained_cfg["url"].startswith("https://download.pytorch.org/models/resnet")  # torchvision V1

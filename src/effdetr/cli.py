@@ -195,7 +195,7 @@ def cmd_import(args) -> None:
         ckpt = load_official(source)
         model_cfg = dataclasses.replace(cfg.model, backbone=dataclasses.replace(cfg.model.backbone, pretrained="none"))
         model = build_model(model_cfg)
-        state = convert_official(ckpt, imp.format, model, source)
+        state = convert_official(ckpt, imp.format, model, source, model_cfg)
         model.load_state_dict(state, strict=True)
         digest = sha256sum(source)
         info = {"format": imp.format, "release": imp.release, "file": str(source), "sha256": digest,

@@ -274,7 +274,22 @@ class DETRDistillConfig:
     cost_l1: float = _f(5.0, lo=0.0, doc="teacher-student matching cost: box L1")
     cost_giou: float = _f(2.0, lo=0.0, doc="teacher-student matching cost: -GIoU")
     feature: float = _f(1.0, lo=0.0, doc="attention-agnostic feature distillation")
+    feature_source: Literal["encoder_input", "memory"] = _f(
+        "encoder_input", doc="the imitated features: encoder_input = the projected backbone maps the encoder reads "
+        "(official code: the neck outputs; DETR: the projected C5), memory = the encoder output (effdetr's first "
+        "reading)")
+    feature_mask: Literal["cosine_stages", "sigmoid_last"] = _f(
+        "cosine_stages", doc="cosine_stages (official code): per teacher decoder stage, the quality-weighted cosine "
+        "of its queries with the features, clamped >= 0.01, / its max per image and level; MSE(M*Ft, M*Fs) summed "
+        "over stages. sigmoid_last (effdetr's first reading): sigmoid(q.F/sqrt(C)) of the last stage's queries, "
+        "weighted by max score x IoU; mask-normalised squared error")
+    feature_topk: int = _f(100, lo=1, doc="cosine_stages: the top-k (query, class) teacher scores that weight the "
+                           "mask (official: test_cfg.max_per_img = 100)")
     assignment: float = _f(1.0, lo=0.0, doc="teacher-assisted assignment stream (weight of its set loss)")
+    assignment_stages: Literal["per_stage", "final"] = _f(
+        "per_stage", doc="the teacher assignment the stream is supervised with: per_stage (official pseudo_loss: "
+        "stream stage k under the teacher's stage-k Hungarian matching) or final (effdetr's first reading: the "
+        "teacher's last-stage matching for every stage)")
 
 
 @dataclass
@@ -512,6 +527,9 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
                 raise ConfigError(file, f"experiments.{source}.stages", f"unknown stage {stage!r} "
                                   "(train, import, eval)")
         _check_import(e, file, f"experiments.{source}")
+        if e.profiles is not None and not e.profiles:
+            raise ConfigError(file, f"experiments.{source}.profiles", "is empty: list the profiles the experiment "
+                              "exists in, or leave the key out for all")
         for pname in list(e.profile_overrides) + (e.profiles or []):
             if pname not in params.profiles:
                 raise ConfigError(file, f"experiments.{source}.profile_overrides.{pname}"
@@ -528,6 +546,8 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
                                 e.profile_overrides.get(pname, {}))
             where_p = f"{where}(profile {pname})"
             resolved[name, pname] = e, where_p, _profile_from_dict(merged, file, where_p)
+            if e.import_checkpoint is not None:
+                _check_import_model(e.import_checkpoint, resolved[name, pname][2].model, file, where_p)
     # Pairs (weights reused, teacher distilled), now that every experiment resolved alone.
     for (name, pname), (e, where_p, prof) in resolved.items():
         for ref in (e.init_from, e.distill.teacher if e.distill else None):
@@ -547,6 +567,8 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
         for i, run in enumerate(runs):
             if run not in expanded:
                 raise ConfigError(file, f"seed_spread.{fam}[{i}]", f"{run!r} is not an experiment")
+    for fam, runs in params.seed_spread.items():
+        _check_seed_runs(fam, runs, resolved, params.profiles, file)
     for name, (source, exp) in expanded.items():
         fam = exp.get("family")
         if fam is not None and fam not in params.seed_spread:
@@ -657,6 +679,38 @@ def _check_references(name: str, source: str, e: ExperimentConfig, expanded: dic
         raise ConfigError(file, f"experiments.{source}.distill", "distillation needs a train stage")
 
 
+def _check_seed_runs(fam: str, runs: list[str], resolved: dict, profiles: dict, file) -> None:
+    """A family's repeated runs must be one experiment with other seeds (training or hash),
+    else their spread would measure an architecture or schedule difference."""
+    for pname in profiles:
+        have = [r for r in runs if (r, pname) in resolved]
+        if not have:
+            continue
+        if len(have) != len(runs):
+            raise ConfigError(file, f"seed_spread.{fam}", f"runs {sorted(set(runs) - set(have))} do not exist in "
+                              f"profile {pname!r} while {have} do")
+        first_e, _, first = resolved[have[0], pname]
+        base = dataclasses.asdict(first)
+        for run in have[1:]:
+            e, where, prof = resolved[run, pname]
+            other = dataclasses.asdict(prof)
+            for cfg in (base, other):
+                cfg["train"].pop("seed"), cfg["model"]["act"].pop("seed")
+            diff = first_difference(base, other) or first_difference(
+                {"init_from": first_e.init_from, "distill": dataclasses.asdict(first_e.distill) if first_e.distill
+                 else None, "stages": first_e.stages},
+                {"init_from": e.init_from, "distill": dataclasses.asdict(e.distill) if e.distill else None,
+                 "stages": e.stages})
+            if diff:
+                key, a, b = diff
+                raise ConfigError(file, f"seed_spread.{fam}", f"{run!r} differs from {have[0]!r} in {key} ({b!r} vs "
+                                  f"{a!r}, profile {pname}); a spread run may differ only in train.seed or "
+                                  "model.act.seed")
+            if "eval" not in e.stages:
+                raise ConfigError(file, f"seed_spread.{fam}", f"{run!r} has no eval stage to measure")
+            base = dataclasses.asdict(first)
+
+
 def _check_import(e: ExperimentConfig, file, path: str) -> None:
     """stages [import, eval] <-> an import_checkpoint naming a known release or a file."""
     has_stage = "import" in e.stages
@@ -684,6 +738,24 @@ def _check_import(e: ExperimentConfig, file, path: str) -> None:
                               f"{imp.release!r} is in the {known[imp.release]['format']!r} layout")
 
 
+def _check_import_model(imp: ImportConfig, m: ModelConfig, file, path: str) -> None:
+    """The model an import fills must be one its repository can have built, checked before
+    anything is downloaded."""
+    need = {"detr": (m.arch == "detr", "model.arch: detr"),
+            "deformable_detr": (m.arch == "deformable" and m.sparse.rho is None and m.lite.high_levels is None
+                                and not m.lite.key_aware and (not m.deformable.two_stage or (
+                                    m.deformable.box_refine and m.deformable.two_stage_variant == "deformable_detr")),
+                                "model.arch: deformable without sparse/lite; two-stage only with box_refine and "
+                                "two_stage_variant deformable_detr"),
+            "sparse_detr": (m.arch == "deformable" and m.sparse.rho is not None and m.lite.high_levels is None
+                            and (not m.deformable.two_stage or m.deformable.two_stage_variant == "sparse_detr"),
+                            "model.arch: deformable with model.sparse.rho; two-stage with two_stage_variant "
+                            "sparse_detr")}
+    ok, what = need[imp.format]
+    if not ok:
+        raise ConfigError(file, f"{path}.import_checkpoint.format", f"{imp.format!r} checkpoints need {what}")
+
+
 def _check_init_architecture(model: ModelConfig, ref_model: ModelConfig, ref: str, file, path) -> None:
     """An experiment starting from (or evaluating) ``ref``'s weights must build the same
     weights: caught here, before ``ref`` trains, not when its checkpoint fails to load."""
@@ -700,11 +772,12 @@ def _check_detrdistill_pair(teacher: ModelConfig, student: ModelConfig, dd: DETR
         raise ConfigError(file, f"{path}.teacher", f"teacher arch {teacher.arch!r} and student arch "
                           f"{student.arch!r} differ; DETRDistill's class terms need one family")
     if dd.feature > 0:
-        layout = lambda m: (m.backbone.name, m.backbone.dilation, m.backbone.dilate_layer3,  # noqa: E731
+        # the token grid, not the trunk: R101 -> R50 (the paper's pairs) share every stride
+        layout = lambda m: (m.backbone.dilation, m.backbone.dilate_layer3,  # noqa: E731
                             m.deformable.num_levels, m.deformable.skip_finest)
         if layout(teacher) != layout(student):
             raise ConfigError(file, f"{path}.detrdistill.feature", "feature distillation needs the same feature "
-                              f"tokens in teacher and student (backbone name/dilation/dilate_layer3, levels): teacher "
+                              f"tokens in teacher and student (backbone dilation/dilate_layer3, levels): teacher "
                               f"{layout(teacher)}, student {layout(student)}")
     if dd.assignment > 0:
         two_stage = [who for who, m in (("teacher", teacher), ("student", student))
@@ -771,6 +844,9 @@ def _profile_from_dict(d: dict, file, path) -> ProfileConfig:
     if m.arch == "deformable" and (m.encoder_attention != "dense" or m.box_reference or m.spatial_prior):
         raise ConfigError(file, f"{path}.model.arch", "deformable has its own attention and references: set "
                           "encoder_attention: dense, box_reference: false, spatial_prior: false")
+    fps = prof.eval.fps_batch_sizes
+    if not fps or len(set(fps)) != len(fps):
+        raise ConfigError(file, f"{path}.eval.fps_batch_sizes", f"{fps} needs at least one batch size, each once")
     if not prof.input.train_scales:
         raise ConfigError(file, f"{path}.input.train_scales", "needs at least one scale")
     return prof

@@ -123,7 +123,8 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 ["effdetr", "import", *p, "--experiment", name, "--out", ckpt, "--metrics", metrics,
                                  "--releases", "data/releases"],
                                 exp_keys + [f"{prof_key}.model"],
-                                deps=source_dep + [f"{SRC}/convert", f"{SRC}/engine"] + MODEL_SRC + COMMON_SRC,
+                                deps=source_dep + [f"{SRC}/convert", f"{SRC}/engine", f"{SRC}/data/download.py"]
+                                + MODEL_SRC + COMMON_SRC,
                                 outs=[ckpt], metrics=[metrics], heavy=True, groups=groups))
             report_deps.append(metrics)
         if "eval" in stage_list:
@@ -159,7 +160,8 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
         report_deps.append(metrics)
 
     stages.append(Stage("report", ["effdetr", "report", *p, "--metrics", "reports/metrics", "--out", "reports"],
-                        ["profile", "experiments", "flops"] + (["speed"] if speed else []),
+                        ["profile", "experiments", "flops"] + (["speed"] if speed else [])
+                        + (["seed_spread"] if raw.get("seed_spread") else []),
                         deps=report_deps + [f"{SRC}/reporting"] + COMMON_SRC,
                         outs=["reports/README.md"], out_dirs=["reports/tables", "reports/figures"]))
     return stages

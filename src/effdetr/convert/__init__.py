@@ -28,12 +28,16 @@ def load_official(path: str | Path) -> dict:
     return ckpt
 
 
-def convert_official(ckpt: dict, fmt: str, model: nn.Module, file: str | Path) -> dict:
-    """``ckpt`` in the official layout of ``fmt`` -> ``model``'s state dict (strict)."""
+def convert_official(ckpt: dict, fmt: str, model: nn.Module, file: str | Path, model_cfg) -> dict:
+    """``ckpt`` in the official layout of ``fmt`` -> ``model``'s state dict (strict), built
+    from ``model_cfg``; configurations no official model has are refused first."""
     if fmt == "detr":
-        from .detr import convert_detr
+        from .detr import convert_detr, detr_mapping
+        detr_mapping(model_cfg)  # refuses e.g. a stride-8 trunk whose tensors would still fit
         return convert_detr(ckpt, model, str(file))
     if fmt in ("deformable_detr", "sparse_detr"):
         from .deformable import convert_deformable
-        return convert_deformable(ckpt, model, str(file))
+        if model_cfg.arch != "deformable":
+            raise ValueError(f"{file}: {fmt} checkpoints load into model.arch 'deformable', not {model_cfg.arch!r}")
+        return convert_deformable(ckpt, model, str(file), fmt, model_cfg)
     raise ValueError(f"unknown checkpoint format {fmt!r}")

@@ -36,7 +36,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from .mapping import ConversionError, StrictMapping, rename, split_rows
+from .mapping import ConversionError, StrictMapping, check_training_args, rename, split_rows
 
 _DROP = {  # pattern -> why it may be dropped (the copies are checked equal first)
     r"transformer\.decoder\.(class_embed|bbox_embed)\..+": "the decoder's handle on {class,bbox}_embed",
@@ -123,13 +123,46 @@ def _copy_problems(source: dict[str, Tensor], model: nn.Module, num_main: int) -
     return problems
 
 
-def convert_deformable(state_dict: dict, model: nn.Module, file: str) -> dict[str, Tensor]:
+def expected_args(cfg, fmt: str) -> dict:
+    """The official ``main.py`` flags an effdetr ModelConfig corresponds to."""
+    d, sp = cfg.deformable, cfg.sparse
+    out = {"dilation": cfg.backbone.dilation, "num_feature_levels": d.num_levels, "nheads": cfg.nheads,
+           "enc_n_points": d.num_points, "dec_n_points": d.num_points, "enc_layers": cfg.enc_layers,
+           "dec_layers": cfg.dec_layers, "num_queries": cfg.num_queries, "with_box_refine": d.box_refine,
+           "two_stage": d.two_stage}
+    if fmt == "sparse_detr":
+        eff = d.two_stage and d.two_stage_variant == "sparse_detr"
+        out.update(rho=sp.rho or 0.0, eff_query_init=eff, eff_specific_head=eff,
+                   use_enc_aux_loss=bool(sp.rho is not None and sp.enc_aux_loss))
+    return out
+
+
+def _alias_problems(source: dict[str, Tensor], model: nn.Module, fmt: str) -> list[str]:
+    """The decoder's handles on the heads exist exactly when the official model refines boxes
+    (``transformer.decoder.bbox_embed``; Sparse DETR's fork: when two-stage) and is two-stage
+    (``transformer.decoder.class_embed``): the shared head copies alone cannot tell a plain
+    model from a refining one."""
+    has = {kind: any(k.startswith(f"transformer.decoder.{kind}.") for k in source) for kind in ("class_embed",
+                                                                                                   "bbox_embed")}
+    want = {"class_embed": model.two_stage,
+            "bbox_embed": model.two_stage if fmt == "sparse_detr" else model.refine}
+    return [f"transformer.decoder.{kind}.*: {'present' if has[kind] else 'absent'} in the file, so the official "
+            f"model {'did' if has[kind] else 'did not'} {'refine boxes' if kind == 'bbox_embed' else 'run two-stage'}"
+            f"; the experiment's model {'does' if want[kind] else 'does not'} (model.deformable)"
+            for kind in has if has[kind] != want[kind]]
+
+
+def convert_deformable(state_dict: dict, model: nn.Module, file: str, fmt: str = "deformable_detr",
+                       model_cfg=None) -> dict[str, Tensor]:
     """An official checkpoint (``ckpt`` with ``ckpt["model"]``, or the bare state dict) ->
     effdetr state dict for ``model`` (a DeformableDETR); ConversionError names every tensor
-    that does not fit."""
+    that does not fit. ``fmt``: the repository's layout (deformable_detr or sparse_detr);
+    with ``model_cfg`` the file's training args are checked against it too."""
     source = state_dict["model"] if isinstance(state_dict.get("model"), dict) else state_dict
+    if model_cfg is not None:
+        check_training_args(state_dict, expected_args(model_cfg, fmt), file)
     num_main = model.dec_layers + (1 if model.two_stage else 0)
-    problems = _copy_problems(source, model, num_main)
+    problems = _alias_problems(source, model, fmt) + _copy_problems(source, model, num_main)
     if problems:
         raise ConversionError(f"{file}: {len(problems)} tensors are inconsistent copies:\n  " + "\n  ".join(problems))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -76,3 +76,17 @@ class StrictMapping:
             more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
             raise ConversionError(f"{file}: {len(problems)} tensors do not fit the model:\n  {shown}{more}")
         return out
+
+
+def check_training_args(ckpt: dict, expected: dict, file) -> None:
+    """The official ``main.py`` saves its ``args`` in each checkpoint: settings the tensors
+    cannot reveal (dilation, box refinement, rho, ...) must match the model being loaded.
+    Only the settings the file records are compared."""
+    args = ckpt.get("args")
+    if args is None:
+        return
+    have = args if isinstance(args, dict) else vars(args)
+    bad = [f"args.{k} = {have[k]!r} but the model has {v!r}" for k, v in expected.items()
+           if k in have and have[k] != v]
+    if bad:
+        raise ConversionError(f"{file}: trained with other settings than the experiment's model: {'; '.join(bad)}")

@@ -39,7 +39,12 @@ def resolve_source(spec, releases_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{dest}: release {spec.release!r} must be downloaded by hand from {rel['url']} "
                                 f"({rel['source']}); put it there or set import_checkpoint.file")
     fetch_checked(rel["url"], dest, rel.get("sha256"), rel.get("size"))
-    if rel.get("sha256") is None:
+    if rel.get("sha256"):  # also a file put there by hand, or damaged since
+        digest = sha256sum(dest)
+        if not digest.startswith(rel["sha256"]):
+            raise DownloadError(f"{dest}: SHA-256 {digest} does not start with the published {rel['sha256']} "
+                                f"(release {spec.release!r}); delete it to download again")
+    else:
         sums_file = releases_dir / "SHA256SUMS"
         sums = _recorded_sums(sums_file)
         digest = sha256sum(dest)

@@ -67,9 +67,15 @@ def _transfer(url: str, part: Path, size: int | None, timeout: float) -> None:
             if have and resp.status != 206:
                 print(f"[download] {url}: server ignored the range request; restarting")
                 have = 0
+            length = resp.headers.get("Content-Length")
+            expected = size if size is not None else (have + int(length) if length else None)
             with open(part, "ab" if have else "wb") as f:
                 while block := resp.read(CHUNK):
                     f.write(block)
+            got = part.stat().st_size
+            if expected is not None and got < expected:  # the connection closed early
+                raise DownloadError(f"{url}: transfer truncated at {got} of {expected} bytes (the connection closed); "
+                                    f"rerun to resume from {part}")
     except urllib.error.HTTPError as e:
         if have and e.code == 416 and size is None:
             return

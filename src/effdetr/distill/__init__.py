@@ -20,6 +20,6 @@ def build_distiller(distill_cfg, teacher: nn.Module, student: nn.Module) -> nn.M
                              f"same): teacher {type(teacher).__name__}, student {type(student).__name__}")
         sigmoid = not hasattr(student, "transformer")  # Deformable family: sigmoid (focal) classes
         q_dim = lambda m: m.query_embed.weight.shape[1] if hasattr(m, "query_embed") else None  # noqa: E731
-        return DETRDistillLoss(distill_cfg.detrdistill, _width(teacher), _width(student), sigmoid,
-                               q_dim(teacher), q_dim(student))
+        dd = distill_cfg.detrdistill
+        return DETRDistillLoss(dd, _width(teacher), _width(student), sigmoid, q_dim(teacher), q_dim(student))
     raise ValueError(f"unknown distillation method {distill_cfg.method!r}")

@@ -9,11 +9,15 @@ every instance-level term first matches them. The three parts:
   GIoU); plus the query-relation term: the pairwise distances between the matched
   queries' decoder embeddings, each set normalised by its mean distance (as GID), L1.
 - Attention-agnostic feature distillation: a soft mask over the teacher's feature map
-  recovered from its decoder queries, sigmoid(q . F / sqrt(d)) per query, merged with each
-  query's quality (teacher score x IoU with the ground truth, so background queries count
-  little); the student's features, through an adaptation layer, imitate the teacher's
-  under that mask. The mask needs no attention maps, so it works for dense, deformable or
-  any other cross-attention.
+  recovered from its decoder queries, merged with each query's quality (teacher score x
+  IoU with the ground truth, so background queries count little); the student's features,
+  through an adaptation layer, imitate the teacher's under that mask. The mask needs no
+  attention maps, so it works for dense, deformable or any other cross-attention. Two
+  readings: the official code's (``cosine_stages``: cosine of the normalised stage-k
+  queries with the normalised features, weighted by the top-100 (query, class) scores x
+  IoU, clamped at 0.01, divided by its max; one MSE per decoder stage) and effdetr's first
+  (``sigmoid_last``: sigmoid(q . F / sqrt(d)) of the last stage; unnormalised, so the
+  feature norms set how much it saturates, and summed over every query it selects little).
 - Teacher-assisted assignment distillation (see :mod:`effdetr.distill.taad`).
 
 Classes: softmax students (DETR, K+1 logits with "no object") use KL(p_t || p_s); sigmoid
@@ -109,6 +113,46 @@ def query_quality(t_logits: Tensor, t_boxes: Tensor, targets: list[dict], sigmoi
         else:
             ious.append(box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt["boxes"].float()))[0].max(1).values)
     return score * torch.stack(ious)
+
+
+def decoder_stages(out: dict) -> list[dict]:
+    """Per decoder stage, first to last: the auxiliary outputs, then the final one."""
+    return list(out.get("aux_outputs", [])) + [out]
+
+
+def topk_query_quality(t_logits: Tensor, t_boxes: Tensor, targets: list[dict], sigmoid: bool, k: int = 100) -> Tensor:
+    """Per teacher query [B,T]: the sum, over its pairs among the image's top-k (query,
+    class) foreground scores, of score x its box's best IoU with the ground truth (score
+    alone in an image without objects) -- the official code's weights, which pick the
+    teacher's detections instead of every query's best class."""
+    probs = t_logits.float().sigmoid() if sigmoid else t_logits.float().softmax(-1)[..., :-1]
+    scores, flat = probs.flatten(1).topk(min(k, probs[0].numel()), dim=1)
+    query = torch.div(flat, probs.shape[-1], rounding_mode="floor")  # [B,k]
+    weights = []
+    for s, q, boxes, tgt in zip(scores, query, t_boxes.float(), targets):
+        if len(tgt["boxes"]):
+            s = s * box_iou(box_cxcywh_to_xyxy(boxes[q]), box_cxcywh_to_xyxy(tgt["boxes"].float()))[0].max(1).values
+        weights.append(s)
+    return torch.zeros(probs.shape[:2], device=probs.device).scatter_add_(1, query, torch.stack(weights))
+
+
+def cosine_feature_mask(t_queries: Tensor, t_features: Tensor, weights: Tensor, padding: Tensor | None,
+                        level_sizes: list[int]) -> Tensor:
+    """sum_q w_q cos(q, F_n) over teacher queries [B,T,C] and feature tokens [B,N,C],
+    clamped at >= 0.01 and divided by its max per image and level -> [B,N] in (0, 1]; zero
+    on padding (effdetr; the official code keeps padded cells)."""
+    cos = F.normalize(t_queries.float(), dim=-1) @ F.normalize(t_features.float(), dim=-1).transpose(1, 2)
+    mask = (weights.float().unsqueeze(-1) * cos).sum(1).clamp(min=0.01)
+    if padding is not None:
+        mask = mask.masked_fill(padding, 0.0)
+    return torch.cat([m / m.amax(1, keepdim=True).clamp(min=_EPS) for m in mask.split(level_sizes, 1)], 1)
+
+
+def masked_mse(t_features: Tensor, s_adapted: Tensor, mask: Tensor, level_sizes: list[int]) -> Tensor:
+    """MSE(M * F_t, M * F_s') per level (mean over images, tokens and channels), summed
+    over levels, as the official loss."""
+    sq = (mask.unsqueeze(-1) * (t_features.float() - s_adapted.float())).pow(2)
+    return sum(level.mean() for level in sq.split(level_sizes, 1))
 
 
 def feature_mask(t_queries: Tensor, t_features: Tensor, quality: Tensor, padding: Tensor | None) -> Tensor:

@@ -7,15 +7,16 @@ baseline student's architecture and inference cost.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from .detrdistill import feature_loss, feature_mask, instance_terms, match_predictions, query_quality, relation_loss
+from .detrdistill import (cosine_feature_mask, decoder_stages, feature_loss, feature_mask, instance_terms,
+                          masked_mse, match_predictions, query_quality, relation_loss, topk_query_quality)
 from .taad import TeacherAssistedAssignment
 
-
-def decoder_stages(out: dict) -> list[dict]:
-    """Per decoder stage, first to last: the auxiliary outputs, then the final one."""
-    return list(out.get("aux_outputs", [])) + [out]
+def _level_sizes(out: dict, tokens: int) -> list[int]:
+    shapes = out.get("context", {}).get("shapes")
+    return [h * w for h, w in shapes] if shapes else [tokens]
 
 
 class DETRDistillLoss(nn.Module):
@@ -24,7 +25,8 @@ class DETRDistillLoss(nn.Module):
         super().__init__()
         self.cfg, self.sigmoid = cfg, sigmoid
         self.adapt = nn.Linear(student_dim, teacher_dim) if cfg.feature > 0 else None
-        self.taad = (TeacherAssistedAssignment(teacher_query_dim or teacher_dim, student_query_dim or student_dim)
+        self.taad = (TeacherAssistedAssignment(teacher_query_dim or teacher_dim, student_query_dim or student_dim,
+                                               cfg.assignment_stages == "per_stage")
                      if cfg.assignment > 0 else None)
 
     def forward(self, student_out: dict, teacher_out: dict, *, targets: list[dict], student: nn.Module,
@@ -42,18 +44,37 @@ class DETRDistillLoss(nn.Module):
                 if c.relation > 0:
                     losses["loss_pid_relation" + suffix] = relation_loss(t_hs[k], student_out["hs"][k], indices)
         if c.feature > 0:
-            t_mem, s_mem = teacher_out["memory"], student_out["memory"]
-            if t_mem.shape[:2] != s_mem.shape[:2]:
-                raise ValueError(f"feature distillation needs the same feature tokens in teacher and student: "
-                                 f"teacher memory {tuple(t_mem.shape)}, student {tuple(s_mem.shape)} (use the same "
-                                 "backbone strides and levels)")
-            quality = query_quality(teacher_out["pred_logits"], teacher_out["pred_boxes"], targets, self.sigmoid)
-            mask = feature_mask(teacher_out["hs"][-1], t_mem, quality, teacher_out.get("padding"))
-            losses["loss_feature"] = feature_loss(t_mem, self.adapt(s_mem), mask.detach())
+            losses.update(self.feature_terms(student_out, teacher_out, targets))
         if self.taad is not None:
             stream = self.taad(student, student_out, teacher, teacher_out, targets, criterion)
             losses["loss_taad"] = criterion.total(stream, num_aux)
         return losses
+
+    def feature_terms(self, student_out: dict, teacher_out: dict, targets: list[dict]) -> dict[str, Tensor]:
+        c = self.cfg
+        key = "encoder_inputs" if c.feature_source == "encoder_input" else "memory"
+        if key not in teacher_out or key not in student_out:
+            raise ValueError(f"feature_source {c.feature_source!r} needs {key!r} in both models' outputs")
+        t_feat, s_feat = teacher_out[key], student_out[key]
+        if t_feat.shape[:2] != s_feat.shape[:2]:
+            raise ValueError(f"feature distillation needs the same feature tokens in teacher and student: "
+                             f"teacher {key} {tuple(t_feat.shape)}, student {tuple(s_feat.shape)} (use the same "
+                             "backbone strides and levels)")
+        # under autocast DETR's input_proj (a conv) returns bf16; the adapter runs outside it
+        s_adapted, padding = self.adapt(s_feat.to(self.adapt.weight.dtype)), teacher_out.get("padding")
+        if c.feature_mask == "sigmoid_last":
+            quality = query_quality(teacher_out["pred_logits"], teacher_out["pred_boxes"], targets, self.sigmoid)
+            mask = feature_mask(teacher_out["hs"][-1], t_feat, quality, padding)
+            return {"loss_feature": feature_loss(t_feat, s_adapted, mask.detach())}
+        sizes, stages = _level_sizes(teacher_out, t_feat.shape[1]), decoder_stages(teacher_out)
+        t_hs, out = teacher_out["hs"][len(teacher_out["hs"]) - len(stages):], {}
+        for k, stage in enumerate(stages):  # every teacher stage, summed (official)
+            weights = topk_query_quality(stage["pred_logits"], stage["pred_boxes"], targets, self.sigmoid,
+                                         c.feature_topk)
+            mask = cosine_feature_mask(t_hs[k], t_feat, weights, padding, sizes)
+            suffix = "" if k == len(stages) - 1 else f"_{k}"
+            out["loss_feature" + suffix] = masked_mse(t_feat, s_adapted, mask.detach(), sizes)
+        return out
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         c = self.cfg

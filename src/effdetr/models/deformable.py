@@ -191,8 +191,9 @@ class DeformableDETR(nn.Module):
         tokens, unmasked as in the official code), ``enc_aux_outputs`` (Sparse DETR encoder aux
         heads on the kept tokens, training only), ``saliency`` {logits [B,S], padding [B,S],
         target [B,S] (DAM, training only)}, ``backbone_outputs`` (objectness ablation),
-        ``kept_tokens``/``tokens`` (means) and ``level_tokens`` [L] (mean unpadded tokens per
-        level, fine to coarse)."""
+        ``kept_tokens``/``tokens`` (means), ``level_tokens`` [L] (mean unpadded tokens per
+        level, fine to coarse) and ``encoder_inputs`` [B,S,C] (the projected levels the encoder
+        reads: DETRDistill's imitation target)."""
         src, pos, padding, shapes, ratios = self.multiscale_inputs(images, mask)
         per_level = torch.stack([p.sum(1) for p in (~padding).split([h * w for h, w in shapes], 1)], 1)
         out: dict = {"tokens": per_level.sum(1).float().mean(), "level_tokens": per_level.float().mean(0)}
@@ -214,7 +215,7 @@ class DeformableDETR(nn.Module):
         tgt, query_pos, reference = self.decoder_queries(memory, out, anchors, usable)
         context = {"memory": memory, "shapes": shapes, "padding": padding, "ratios": ratios}
         decoded, samplings = self.decode_queries(context, tgt, query_pos, reference)
-        out.update(decoded, memory=memory, padding=padding, context=context)
+        out.update(decoded, memory=memory, padding=padding, context=context, encoder_inputs=src)
         if enc_aux:
             out["enc_aux_outputs"] = enc_aux
         if self.rho is not None and self.saliency == "dam" and self.training:

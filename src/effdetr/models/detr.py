@@ -58,7 +58,8 @@ class DETR(nn.Module):
         [B,Q,4] normalised (cx,cy,w,h) in [0,1], ``aux_outputs`` (list of the same for each
         earlier decoder layer, when aux_loss), ``hs`` [L,B,Q,C] (decoder states), ``memory``
         [B,HW,C] (encoder output), ``padding`` [B,HW] and ``context`` (what :meth:`decode`
-        needs to run other queries over the same image, for distillation).
+        needs to run other queries over the same image, for distillation), ``encoder_inputs``
+        [B,HW,C] (the projected C5 map the encoder reads: DETRDistill's imitation target).
         """
         feats, fmask = self.backbone(images, mask)
         pos = self.position(fmask).to(feats.dtype)
@@ -67,7 +68,7 @@ class DETR(nn.Module):
         memory = self.transformer.encode(src.flatten(2).transpose(1, 2), padding, flat_pos)
         context = {"memory": memory, "pos": flat_pos, "fmask": fmask, "padding": padding}
         out = self.decode(context, self.query_embed.weight, self.log_scale)
-        out.update(memory=memory, padding=padding, context=context)
+        out.update(memory=memory, padding=padding, context=context, encoder_inputs=src.flatten(2).transpose(1, 2))
         return out
 
     def decode(self, context: dict, queries: Tensor, log_scale: Tensor | None = None) -> dict:

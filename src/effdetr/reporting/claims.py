@@ -99,7 +99,7 @@ def judge(spec_row: dict, metric: str, paper, reproduced: dict[str, dict], row_k
                 same = abs(mine - other) <= 1e-9 * max(abs(mine), abs(other), 1.0)
                 verdicts.append(f"{'yes' if same else 'no'} ({_num(mine - other, True)} vs {other_key})")
             else:
-                spread = (reproduced[row_key].get(f"{metric}_sd", 0.0) + reproduced[other_key].get(f"{metric}_sd", 0.0))
-                verdicts.append(f"{'yes' if mine - other > spread else 'no'} ({_num(mine - other, True)} vs "
-                                f"{other_key}, seed spread {_num(spread)})")
+                sd = (reproduced[row_key].get(f"{metric}_sd", 0.0) + reproduced[other_key].get(f"{metric}_sd", 0.0))
+                verdicts.append(f"{'yes' if mine - other > sd else 'no'} ({_num(mine - other, True)} vs "
+                                f"{other_key}, seed spread {_num(sd)})")
     return "; ".join(verdicts) if verdicts else "—"

@@ -120,11 +120,14 @@ def _fmt(v) -> str:
 
 
 def table_rows(spec: dict, reproduced: dict[str, dict], extra: list[str] = (),
-               spreads: dict[str, dict] | None = None) -> list[list[str]]:
+               spreads: dict[str, dict] | None = None, skip: set[str] = frozenset()) -> list[list[str]]:
     """Long format, one line per (row, metric); ``extra``: experiments without paper rows;
-    ``spreads``: row -> its family's seed spread per metric (claims within it are inconclusive)."""
+    ``spreads``: row -> its family's seed spread per metric (claims within it are inconclusive);
+    ``skip``: rows of another profile (e.g. released COCO checkpoints in a SynthCOCO report)."""
     rows = []
     for key, row in list(spec["rows"].items()) + [(n, {"label": n}) for n in extra]:
+        if key in skip:
+            continue
         got = reproduced.get(key, {})
         for metric in spec["metrics"]:
             paper, repro = row.get(metric), got.get(metric)
@@ -137,9 +140,12 @@ def table_rows(spec: dict, reproduced: dict[str, dict], extra: list[str] = (),
     return rows
 
 
-def spread_note(names: list[str], experiments: dict, spreads: dict[str, dict], seeded: set[str]) -> str:
-    """Which rows rest on one run, and each family's measured AP spread."""
-    fams = sorted({experiments[n][1].get("family") for n in names if n in experiments} - {None})
+def spread_note(names: list[str], experiments: dict, spreads: dict[str, dict], seeded: set[str],
+                families: dict[str, str] | None = None) -> str:
+    """Which rows rest on one run, and each family's measured AP spread (``families``: row ->
+    family, for rows that are not experiments themselves, e.g. seed means)."""
+    fams = sorted(({experiments[n][1].get("family") for n in names if n in experiments} |
+                   set((families or {}).values())) - {None})
     single = [n for n in names if n not in seeded]
     parts = []
     for fam in fams:
@@ -208,8 +214,10 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
 
     # A table is written when an experiment names it; its rows are read from every
     # experiment the paper table lists (a row may belong to another table's experiment).
-    experiments = {n: (src, e) for n, (src, e) in expand_experiments(params.experiments, "params.yaml").items()
+    everywhere = expand_experiments(params.experiments, "params.yaml")
+    experiments = {n: (src, e) for n, (src, e) in everywhere.items()
                    if not e.get("profiles") or params.profile in e["profiles"]}  # the active profile's only
+    other_profile = set(everywhere) - set(experiments)
     wanted: dict[str, list[str]] = {}
     for name, (_, exp) in experiments.items():
         wanted.setdefault(exp["table"], [])
@@ -229,7 +237,9 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
             extra = [n for n, (_, e) in experiments.items()
                      if e["table"] == tid and n not in rows and n not in seeded]
             wanted[tid] = [k for k, r in rows.items()
-                           if k in experiments or (r.get("seeds") and all(n in experiments for n in r["seeds"]))] + extra
+                           if (not r.get("profiles") or params.profile in r["profiles"])  # a row of one profile
+                           and (k in experiments or (r.get("seeds") and all(n in experiments for n in r["seeds"])))
+                           ] + extra
 
     for tid in sorted(wanted):
         if tid not in specs:
@@ -257,16 +267,19 @@ def build_reports(params, raw: dict, metrics_dir: Path, out_dir: Path, phash: st
             add_gains(spec, reproduced)
             note = ("SynthCOCO is not COCO: compare *relations* between rows (the claims), not "
                     "absolute values, with the paper." if params.profile == "synth" else "")
-            seeded = {n for n in wanted[tid] if spec["rows"].get(n, {}).get("seeds")} | \
-                {r for runs in params.seed_spread.values() for r in runs}
-            note = (note + "\n\n" if note else "") + spread_note(wanted[tid], experiments, spreads, seeded)
-            row_spreads = {}
+            seeded = {n for n in wanted[tid] if spec["rows"].get(n, {}).get("seeds")}  # seed means
+            row_family = {}
             for n in wanted[tid]:
                 fam = experiments.get(n, (None, {}))[1].get("family") or \
                     experiments.get((spec["rows"].get(n, {}).get("seeds") or [None])[0], (None, {}))[1].get("family")
-                if fam in spreads:
-                    row_spreads[n] = spreads[fam]
-        rows = table_rows(spec, reproduced, [n for n in wanted[tid] if n not in spec["rows"]], row_spreads)
+                if fam:
+                    row_family[n] = fam
+            note = (note + "\n\n" if note else "") + spread_note(wanted[tid], experiments, spreads, seeded,
+                                                                  row_family)
+            row_spreads = {n: spreads[f] for n, f in row_family.items() if f in spreads}
+        skip = other_profile | {k for k, r in spec["rows"].items() if r.get("profiles") and params.profile
+                                not in r["profiles"]}
+        rows = table_rows(spec, reproduced, [n for n in wanted[tid] if n not in spec["rows"]], row_spreads, skip)
         ctx = {**context, "note": note}
         md, csv_path = tables_dir / f"{tid}.md", tables_dir / f"{tid}.csv"
         md.write_text(render_markdown(tid, spec, rows, prov, ctx))
