@@ -82,3 +82,20 @@ def test_official_checkpoints_load_without_running_pickled_code(tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match=r"list\.pth: expected a dict"):
         load_official(tmp_path / "list.pth")
+
+
+def test_eval_only_coco_copy_needs_val2017_alone(tmp_path):
+    """Released checkpoints need val2017 + annotations (~1 GB); train2017 only when listed."""
+    import shutil
+    from types import SimpleNamespace
+
+    from effdetr.data.download import prepare_coco
+    from tests.test_coco_path import fabricate_coco
+    src = tmp_path / "coco"
+    fabricate_coco(src)
+    shutil.rmtree(src / "train2017")
+    cfg = SimpleNamespace(existing=str(src), splits=["val2017", "annotations_trainval2017"])
+    assert (prepare_coco(cfg, tmp_path / "data" / "coco") / "val2017").is_dir()
+    cfg.splits = ["train2017", "val2017", "annotations_trainval2017"]
+    with pytest.raises(DownloadError, match=r"train2017: image folder missing"):
+        prepare_coco(cfg, tmp_path / "data" / "coco2")
