@@ -117,15 +117,22 @@ def test_a_few_steps_reduce_the_loss():
     assert loss.item() < 0.7 * first
 
 
-def test_sparse_encoder_updates_only_kept_tokens():
+def sparse_encoder_case(layers: int):
+    """A sparse encoder over two levels (4x5, 2x3) and the second image keeping only 2 of 3
+    slots -> (encoder, src, pos, shapes, padding, ratios, keep, keep_valid)."""
     torch.manual_seed(0)
     shapes = [(4, 5), (2, 3)]
-    enc = DeformableEncoder(DeformableEncoderLayer(16, 2, 2, 2, 32, 0.0), 2)
+    enc = DeformableEncoder(DeformableEncoderLayer(16, 2, 2, 2, 32, 0.0), layers)
     src, pos = torch.randn(2, 26, 16), torch.randn(2, 26, 16)
     padding = torch.zeros(2, 26, dtype=torch.bool)
     ratios = valid_ratios([torch.zeros(2, 4, 5, dtype=torch.bool), torch.zeros(2, 2, 3, dtype=torch.bool)])
     keep = torch.tensor([[0, 7, 21], [3, 4, 25]])
     valid = torch.tensor([[True, True, True], [True, True, False]])
+    return enc, src, pos, shapes, padding, ratios, keep, valid
+
+
+def test_sparse_encoder_updates_only_kept_tokens():
+    enc, src, pos, shapes, padding, ratios, keep, valid = sparse_encoder_case(layers=2)
     out = enc(src, pos, shapes, padding, ratios, keep, valid)
     changed = (out - src).abs().sum(-1) > 0
     expected = torch.zeros(2, 26, dtype=torch.bool)
@@ -391,14 +398,7 @@ def test_scoring_network_is_sparse_detrs_mask_predictor():
 def test_sparse_encoder_carries_the_kept_queries_from_layer_to_layer():
     """Slots past an image's keep count are never written back, but (as the official
     ``tgt``) go on through the layers, and feed the aux heads as they are."""
-    torch.manual_seed(0)
-    shapes = [(4, 5), (2, 3)]
-    enc = DeformableEncoder(DeformableEncoderLayer(16, 2, 2, 2, 32, 0.0), 3)
-    src, pos = torch.randn(2, 26, 16), torch.randn(2, 26, 16)
-    padding = torch.zeros(2, 26, dtype=torch.bool)
-    ratios = valid_ratios([torch.zeros(2, 4, 5, dtype=torch.bool), torch.zeros(2, 2, 3, dtype=torch.bool)])
-    keep = torch.tensor([[0, 7, 21], [3, 4, 25]])
-    valid = torch.tensor([[True, True, True], [True, True, False]])
+    enc, src, pos, shapes, padding, ratios, keep, valid = sparse_encoder_case(layers=3)
     seen = []
     enc(src, pos, shapes, padding, ratios, keep, valid, after_layer=lambda i, q: seen.append(q))
     assert len(seen) == 2 and not torch.equal(seen[0][1, 2], seen[1][1, 2])

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import timm
-import torch
 import yaml
 
 from effdetr import cli

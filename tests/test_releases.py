@@ -37,10 +37,10 @@ def _release(monkeypatch, server, **entry):  # noqa: F811
 def test_unpublished_checksum_is_pinned_on_first_download(server, tmp_path, monkeypatch):  # noqa: F811
     spec = _release(monkeypatch, server, sha256=None)
     Handler.files["/r.pth"] = b"v1" * 100
-    path = rel_mod.resolve_source(spec, tmp_path)
+    path, digest = rel_mod.resolve_source(spec, tmp_path)
     sums = (tmp_path / "SHA256SUMS").read_text()
-    assert sums == f"{hashlib.sha256(b'v1' * 100).hexdigest()}  r.pth\n"
-    assert rel_mod.resolve_source(spec, tmp_path) == path  # checked again, still fine
+    assert sums == f"{hashlib.sha256(b'v1' * 100).hexdigest()}  r.pth\n" and sums.startswith(digest)
+    assert rel_mod.resolve_source(spec, tmp_path) == (path, digest)  # checked again, still fine
     path.write_bytes(b"v2" * 100)  # the file changed on disk
     with pytest.raises(DownloadError, match="differs from the one recorded on first download"):
         rel_mod.resolve_source(spec, tmp_path)

@@ -183,7 +183,6 @@ def cmd_import(args) -> None:
 
     from .convert import convert_official, load_official
     from .convert.releases import resolve_source
-    from .data.download import sha256sum
     from .engine.checkpoint import save_atomic
     from .models import build_model
     from .tracking import Run
@@ -191,13 +190,12 @@ def cmd_import(args) -> None:
     with Run(params.tracking.experiment, f"import-{args.experiment}",
              _tags("import", exp.paper, exp.table, phash, args.experiment, params.profile),
              {"experiment": C.to_dict(cfg), "import": C.to_dict(imp)}) as run:
-        source = resolve_source(imp, args.releases)
+        source, digest = resolve_source(imp, args.releases)
         ckpt = load_official(source)
         model_cfg = dataclasses.replace(cfg.model, backbone=dataclasses.replace(cfg.model.backbone, pretrained="none"))
         model = build_model(model_cfg)
         state = convert_official(ckpt, imp.format, model, source, model_cfg)
         model.load_state_dict(state, strict=True)
-        digest = sha256sum(source)
         info = {"format": imp.format, "release": imp.release, "file": str(source), "sha256": digest,
                 "tensors": len(state), "epoch": ckpt.get("epoch")}
         save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(cfg.model),

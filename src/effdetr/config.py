@@ -679,6 +679,15 @@ def _check_references(name: str, source: str, e: ExperimentConfig, expanded: dic
         raise ConfigError(file, f"experiments.{source}.distill", "distillation needs a train stage")
 
 
+def _seedless(e: ExperimentConfig, prof: ProfileConfig) -> dict:
+    """What a spread run shares with the other runs of its family: everything but the seeds."""
+    cfg = dataclasses.asdict(prof)
+    cfg["train"].pop("seed")
+    cfg["model"]["act"].pop("seed")
+    return {**cfg, "init_from": e.init_from, "distill": dataclasses.asdict(e.distill) if e.distill else None,
+            "stages": e.stages}
+
+
 def _check_seed_runs(fam: str, runs: list[str], resolved: dict, profiles: dict, file) -> None:
     """A family's repeated runs must be one experiment with other seeds (training or hash),
     else their spread would measure an architecture or schedule difference."""
@@ -689,26 +698,17 @@ def _check_seed_runs(fam: str, runs: list[str], resolved: dict, profiles: dict, 
         if len(have) != len(runs):
             raise ConfigError(file, f"seed_spread.{fam}", f"runs {sorted(set(runs) - set(have))} do not exist in "
                               f"profile {pname!r} while {have} do")
-        first_e, _, first = resolved[have[0], pname]
-        base = dataclasses.asdict(first)
-        for run in have[1:]:
-            e, where, prof = resolved[run, pname]
-            other = dataclasses.asdict(prof)
-            for cfg in (base, other):
-                cfg["train"].pop("seed"), cfg["model"]["act"].pop("seed")
-            diff = first_difference(base, other) or first_difference(
-                {"init_from": first_e.init_from, "distill": dataclasses.asdict(first_e.distill) if first_e.distill
-                 else None, "stages": first_e.stages},
-                {"init_from": e.init_from, "distill": dataclasses.asdict(e.distill) if e.distill else None,
-                 "stages": e.stages})
+        base = _seedless(resolved[have[0], pname][0], resolved[have[0], pname][2])
+        for run in have:
+            e, _, prof = resolved[run, pname]
+            if "eval" not in e.stages:
+                raise ConfigError(file, f"seed_spread.{fam}", f"{run!r} has no eval stage to measure")
+            diff = first_difference(base, _seedless(e, prof))
             if diff:
                 key, a, b = diff
                 raise ConfigError(file, f"seed_spread.{fam}", f"{run!r} differs from {have[0]!r} in {key} ({b!r} vs "
                                   f"{a!r}, profile {pname}); a spread run may differ only in train.seed or "
                                   "model.act.seed")
-            if "eval" not in e.stages:
-                raise ConfigError(file, f"seed_spread.{fam}", f"{run!r} has no eval stage to measure")
-            base = dataclasses.asdict(first)
 
 
 def _check_import(e: ExperimentConfig, file, path: str) -> None:

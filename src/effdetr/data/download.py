@@ -38,12 +38,21 @@ class DownloadError(RuntimeError):
     pass
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file, read in chunks (archives and checkpoints are large)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def md5sum(path: Path) -> str:
+    return file_digest(path, "md5")
+
+
+def sha256sum(path: Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def _quarantine(path: Path, why: str) -> DownloadError:
@@ -111,14 +120,6 @@ def fetch(url: str, dest: Path, archive: Archive, timeout: float = 60.0) -> Path
         raise _quarantine(part, f"zip member {broken} fails its CRC check")
     os.replace(part, dest)
     return dest
-
-
-def sha256sum(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_checked(url: str, dest: Path, sha256: str | None = None, size: int | None = None,

@@ -7,7 +7,6 @@ baseline student's architecture and inference cost.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .detrdistill import (cosine_feature_mask, decoder_stages, feature_loss, feature_mask, instance_terms,
