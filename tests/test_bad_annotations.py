@@ -102,3 +102,16 @@ def test_image_size_mismatch_named(tmp_path):
     Image.new("RGB", (31, 20)).save(tmp_path / "a.png")
     with pytest.raises(AnnotationError, match=r"height/width.*20x30.*20x31"):
         CocoDetection(tmp_path, p)[0]
+
+
+def test_non_utf8_bytes_named_with_offset_and_line(tmp_path):
+    """Before: a bare UnicodeDecodeError naming neither the file nor where."""
+    p = tmp_path / "ann.json"
+    body = b'{"images": [],\n "annotations": [],\n "categories": [{"id": 1, "name": "caf\xe9"}]}'
+    p.write_bytes(body)
+    offset = body.index(b"\xe9")
+    column = offset - body.rindex(b"\n", 0, offset)
+    with pytest.raises(AnnotationError, match=rf"not UTF-8: byte 0xe9 at byte offset {offset} "
+                                              rf"\(line 3, column {column};") as e:
+        load_annotations(p)
+    assert str(p) in str(e.value)

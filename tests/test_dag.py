@@ -112,3 +112,79 @@ def test_released_target_plans_only_the_imports_and_their_evaluations(tmp_path):
     synth = snakemake("released", "-n", "--forceall")
     assert synth.returncode == 0, synth.stderr
     assert set(re.findall(r"^rule (\w+):", synth.stdout, flags=re.M)) <= {"released"}  # empty on SynthCOCO
+
+
+def test_stages_that_read_the_data_depend_on_its_manifest():
+    """The data stage writes <root>.manifest.json beside the root; every stage reading the data
+    lists both (DVC hashes the root, Snakemake sees the manifest's time)."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for profile in ("synth", "coco"):
+        raw["profile"] = profile
+        root = raw["profiles"][profile]["data"]["root"]
+        built = stages.build_stages(raw)
+        data = next(st for st in built if st.name == "data")
+        assert f"{root}.manifest.json" in data.outs and root in data.out_dirs
+        readers = [st for st in built if "--data" in st.cmd]
+        assert {st.name.split("_")[0] for st in readers} >= {"train", "eval", "speed"}
+        for st in readers:
+            assert root in st.deps and f"{root}.manifest.json" in st.deps, st.name
+
+
+def _tiny_dag_up_to_date(workdir):
+    """The tiny params' DAG with real data and stand-ins for every later output, all marked
+    up to date by Snakemake; returns (stages, data config)."""
+    import shutil
+
+    from effdetr.config import profile_config
+    from effdetr.data.synthcoco import generate
+    from tests.conftest import TINY
+    shutil.copy(TINY, workdir / "params.yaml")
+    built = stages.build_stages(stages.load_raw("params.yaml"))
+    data = profile_config("params.yaml").data
+    generate(data.synth, data.root)  # its manifest: written when Snakemake first parses
+    for st in built:
+        if st.name != "data":
+            for out in st.outs + st.metrics:
+                (workdir / out).parent.mkdir(parents=True, exist_ok=True)
+                (workdir / out).write_text("{}")
+            for out in st.out_dirs:
+                (workdir / out).mkdir(parents=True, exist_ok=True)
+    r = snakemake("--touch", "--cores", "1", "all", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    r = snakemake("-n", "--cores", "1", "all", cwd=workdir)
+    assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, r.stdout
+    return built, data
+
+
+def test_in_place_data_edit_reruns_the_stages_that_read_it(workdir):
+    """Everything up to date, then one annotation edited in place: Snakemake (which compares
+    times, and a folder's time ignores edits inside it) plans every stage reading the data."""
+    import json
+
+    built, data = _tiny_dag_up_to_date(workdir)
+    ann = workdir / data.root / "annotations" / "instances_train.json"
+    doc = json.loads(ann.read_text())
+    doc["annotations"][0]["bbox"][0] += 1
+    ann.write_text(json.dumps(doc))
+    r = snakemake("-n", "--cores", "1", "all", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    jobs = set(re.findall(r"^rule (\w+):", r.stdout, flags=re.M))
+    readers = {st.name for st in built if "--data" in st.cmd}
+    assert readers <= jobs and "data" not in jobs, jobs
+    assert "annotations/instances_train.json" in r.stderr  # told why
+
+
+def test_a_killed_job_reruns_instead_of_blocking_the_dag(workdir):
+    """A job killed outright (SIGKILL, a session's end) leaves Snakemake's incomplete marker on
+    its output; the next `snakemake all` must rerun that job (training resumes from its
+    last.pt), not stop with IncompleteFilesException: the workflow's default profile says so."""
+    import base64
+
+    _tiny_dag_up_to_date(workdir)
+    out = "data/checkpoints/detr_dc5.pt"
+    marker = workdir / ".snakemake" / "incomplete" / base64.b64encode(out.encode()).decode()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("")
+    r = snakemake("-n", "--cores", "1", "all", cwd=workdir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "train_detr_dc5" in set(re.findall(r"^rule (\w+):", r.stdout, flags=re.M))

@@ -152,3 +152,25 @@ def test_prepare_and_extract_layout(server, tmp_path):
     assert (linked / "val2017" / "1.jpg").exists()
     with pytest.raises(DownloadError, match="image folder missing"):
         prepare_coco(Cfg(server, [], existing=str(tmp_path / "nothing")), tmp_path / "x")
+
+
+def test_repeated_failures_are_numbered_not_overwritten(server, tmp_path):
+    """Each failed file is kept (.bad, .bad.1, .bad.2, ...), and the error says what a rerun
+    does: it downloads again from scratch (before: the next failure overwrote .bad, and the
+    message told to delete it "to download again", though a rerun downloads anyway)."""
+    data = make_zip({"a": b"z" * 5000})
+    arc = publish("/a.zip", data)
+    messages = []
+    for i in range(3):
+        Handler.files["/a.zip"] = data[:-10] + f"{i:010d}".encode()  # a mirror serving broken bytes
+        with pytest.raises(DownloadError, match="MD5") as e:
+            fetch(f"{server}/a.zip", tmp_path / "a.zip", arc)
+        messages.append(str(e.value))
+    kept = [tmp_path / name for name in ("a.zip.part.bad", "a.zip.part.bad.1", "a.zip.part.bad.2")]
+    assert [k.read_bytes()[-10:] for k in kept] == [f"{i:010d}".encode() for i in range(3)]
+    for k, msg in zip(kept, messages):
+        assert f"moved to {k}" in msg and "downloads the file again from scratch" in msg
+        assert "delete it to download again" not in msg
+    Handler.files["/a.zip"] = data
+    assert fetch(f"{server}/a.zip", tmp_path / "a.zip", arc).read_bytes() == data
+    assert all(k.exists() for k in kept) and Handler.requests[-1][1] is None  # from byte 0

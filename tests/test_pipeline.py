@@ -152,10 +152,8 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     tags = {t["key"]: t["value"] for t in train_run["data"]["tags"]}
     assert {"paper", "table", "git_sha", "git_dirty", "params_hash"} <= set(tags)
 
-    # Up to date: nothing planned, and the dry run is fast.
-    t0 = time.time()
+    # Up to date: nothing planned (how long a dry run takes is `effdetr bench dag`'s figure).
     assert planned_jobs(smk("-n").stdout) == set()
-    assert time.time() - t0 < 30
 
     # DVC records the state, then a one-experiment edit touches only that experiment's stages.
     run("git", "init", "-q")

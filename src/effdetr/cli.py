@@ -37,8 +37,11 @@ def _provenance(run, phash: str) -> dict:
 
 # ---------------------------------------------------------------------------------------
 def cmd_data(args) -> None:
+    """Make (synth) or download/link (coco) a dataset, then decode every image once and record
+    its manifest beside the root; ``verify`` checks only, ``manifest`` records an edit."""
     params, raw = C.load_params(args.params)
     prof = C.profile_config(args.params)
+    from .data import manifest
     from .tracking import Run
     if args.action == "synth":
         if prof.data.synth is None:
@@ -58,13 +61,18 @@ def cmd_data(args) -> None:
         if prof.data.coco is None:
             raise C.ConfigError(args.params, f"profiles.{params.profile}.data.coco", "missing (active profile is not coco)")
         prepare_coco(prof.data.coco, args.out)
-    elif args.action == "verify":
-        from .data.coco import load_annotations, split_paths
-        for split in ("train", "val"):
-            img_dir, ann = split_paths(prof.data, split, args.out)
-            d = load_annotations(ann, img_dir, prof.model.num_classes)
-            print(f"[verify] {ann}: {len(d['images'])} images, {len(d['_kept'])} boxes kept, "
-                  f"{d['_dropped']} dropped (no area inside the image)")
+    splits = manifest.available_splits(prof.data.dataset, args.out)
+    if not splits:
+        raise FileNotFoundError(f"{args.out}: no split has both its annotation file and its image folder")
+    if args.action != "manifest":
+        from .data.verify import verify_splits
+        for s in verify_splits(prof, args.out, splits).values():
+            print(f"[verify] {s['annotations']}: {s['images']} images ({s['decoded']} decoded, the others unchanged "
+                  f"since they passed), {s['boxes']} boxes kept, {s['dropped']} dropped (no area inside the image)")
+    if args.action != "verify":
+        changed = manifest.refresh(prof.data.dataset, args.out)
+        print(f"[data] {manifest.manifest_path(args.out)}: " + (f"updated: {'; '.join(changed)}" if changed else
+                                                                 "unchanged"))
 
 
 def _build_eval_dataset(cfg, data_root):
@@ -98,15 +106,17 @@ def cmd_train(args) -> None:
     _apply_threads(cfg)
     params, _ = C.load_params(args.params)
     phash = C.params_hash(cfg)
-    # Fail before compute: the data must be there and pass the annotation checks, and
-    # the weights this run starts from / distils must exist and fit.
+    # Fail before compute: the data must be there, match its manifest and pass the annotation
+    # and image checks, and the weights this run starts from / distils must exist and fit.
     _build_eval_dataset(cfg, args.data)
+    from .data.verify import check_data
+    data_digest = check_data(cfg, args.data, ("train", "val"))
     _check_weights(args, cfg, exp)
     from .engine.train import train
     from .tracking import Run
     from .utils.repro import files_hash, source_hash
     inputs = files_hash([args.backbone, args.init, args.teacher])
-    work = Path(args.work_root) / args.experiment / f"{phash}-{source_hash()}-{inputs}"
+    work = Path(args.work_root) / args.experiment / f"{phash}-{source_hash()}-{inputs}-{data_digest[:8]}"
     with Run(params.tracking.experiment, f"train-{args.experiment}",
              _tags("train", exp.paper, exp.table, phash, args.experiment, params.profile),
              {"experiment": C.to_dict(cfg)}) as run:
@@ -127,8 +137,10 @@ def cmd_pretrain(args) -> None:
         raise C.ConfigError(args.params, f"profiles.{params.profile}.pretrain", "missing")
     phash = C.params_hash({"pretrain": cfg.pretrain, "data": cfg.data, "input": cfg.input,
                            "backbone": cfg.model.backbone, "num_classes": cfg.model.num_classes})
+    from .data.verify import check_data
     from .engine.pretrain import pretrain_backbone
     from .tracking import Run
+    check_data(cfg, args.data, ("train",))
     with Run(params.tracking.experiment, "pretrain-backbone",
              _tags("pretrain", "all", "-", phash, "backbone", params.profile),
              {"pretrain": C.to_dict(cfg.pretrain), "backbone": C.to_dict(cfg.model.backbone)}) as run:
@@ -146,10 +158,12 @@ def cmd_eval(args) -> None:
     phash = C.params_hash(cfg)
     import torch
     from .engine.checkpoint import build_trained_model
+    from .data.verify import check_data
     from .engine.evaluate import evaluate_dataset
     from .tracking import Run
     from .utils.repro import resolve_device
     dataset = _build_eval_dataset(cfg, args.data)
+    check_data(cfg, args.data, ("val",))
     # the experiment's model config (e.g. ACT kernels) over the checkpoint's trained weights
     model, ckpt = build_trained_model(args.checkpoint, cfg.model)
     device = resolve_device(cfg.train.device)
@@ -240,10 +254,12 @@ def cmd_speed(args) -> None:
     cfgs = {n: C.experiment_config(args.params, n)[0] for n in names}
     base = cfgs[names[0]]
     from .engine.checkpoint import build_trained_model
+    from .data.verify import check_data
     from .evaluation.speed import time_encoder
     from .tracking import Run
     from .utils.repro import environment, resolve_device
     dataset = _build_eval_dataset(base, args.data)
+    check_data(base, args.data, ("val",))
     model, _ = build_trained_model(args.checkpoint, base.model)
     device = resolve_device(base.train.device)
     model.to(device)
@@ -297,13 +313,27 @@ def cmd_mlflow(args) -> None:
     if args.action == "init":
         exp_id = tracking.init_store(name)
         print(f"[mlflow] store {tracking.tracking_uri()} ready, experiment '{name}' (id {exp_id})")
+        return
+    if args.action == "rebuild":
+        moved, imported, completed = tracking.rebuild()
+        print(f"[mlflow] broken store moved aside to {moved}, a fresh one created" if moved
+              else f"[mlflow] store {tracking.tracking_uri()} is healthy, kept in place")
     else:
-        imported = tracking.sync()
-        print(f"[mlflow] re-imported {len(imported)} runs from sidecars")
+        imported, completed = tracking.sync()
+    print(f"[mlflow] re-imported {len(imported)} runs from sidecars, completed {len(completed)} partial runs")
 
 
 def cmd_bench(args) -> None:
-    """MSDA core timing at DESIGN.md's anchor shape (reference vs Triton vs official op)."""
+    """``msda``: MSDA core timing at DESIGN.md's anchor shape (reference vs Triton vs official
+    op). ``dag``: the whole workflow on a small params file, cold and up to date."""
+    if args.op == "dag":
+        from .evaluation.dag_bench import run_dag_benchmark
+        result = run_dag_benchmark(Path.cwd(), Path(args.dag_params), args.cores)
+        print(f"[bench dag] {result['params']}: {result['jobs']} jobs on {result['cores']} cores, "
+              f"full run {result['full_run_s']:.1f} s, up-to-date dry run {result['dry_run_s']:.1f} s")
+        if args.out:
+            _write_json(result, args.out)
+        return
     from .evaluation.msda_bench import run_benchmark
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -327,9 +357,9 @@ def parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    sp = add("data", cmd_data, "make/download/verify a dataset")
-    sp.add_argument("action", choices=["synth", "coco", "verify"])
-    sp.add_argument("--out", required=True, help="dataset root")
+    sp = add("data", cmd_data, "make/download a dataset, verify it, or record an edit in its manifest")
+    sp.add_argument("action", choices=["synth", "coco", "verify", "manifest"])
+    sp.add_argument("--out", required=True, help="dataset root (its manifest is <root>.manifest.json)")
     for name, fn in (("train", cmd_train), ("eval", cmd_eval)):
         sp = add(name, fn, f"{name} one experiment")
         sp.add_argument("--experiment", required=True)
@@ -365,15 +395,18 @@ def parser() -> argparse.ArgumentParser:
     sp = add("dag", cmd_dag, "render the stage table")
     sp.add_argument("format", choices=["dvc", "list"])
     sp.add_argument("--out", default="-")
-    sp = add("bench", cmd_bench, "benchmark an op (msda: reference vs Triton vs the official CUDA op)")
-    sp.add_argument("op", choices=["msda"])
+    sp = add("bench", cmd_bench, "benchmark an op (msda: reference vs Triton vs the official CUDA op) "
+                                 "or the workflow (dag: a cold snakemake run of a small params file)")
+    sp.add_argument("op", choices=["msda", "dag"])
+    sp.add_argument("--dag-params", default="tests/data/params_tiny.yaml", help="dag: the params file to run")
+    sp.add_argument("--cores", type=int, default=2, help="dag: snakemake --cores")
     sp.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     sp.add_argument("--batch", type=int, default=2)
     sp.add_argument("--warmup", type=int, default=5)
     sp.add_argument("--repeats", type=int, default=20)
     sp.add_argument("--out", default=None, help="also write the result as JSON")
-    sp = add("mlflow", cmd_mlflow, "initialise the store / re-import sidecar runs")
-    sp.add_argument("action", choices=["init", "sync"])
+    sp = add("mlflow", cmd_mlflow, "initialise the store / re-import and complete sidecar runs / rebuild a broken store")
+    sp.add_argument("action", choices=["init", "sync", "rebuild"])
     return p
 
 

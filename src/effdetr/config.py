@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -388,6 +389,17 @@ def _check_range(value, meta, file, path):
         raise ConfigError(file, path, f"{value} is above the maximum {hi}")
 
 
+_INT = re.compile(r"[-+]?[0-9]+")
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def _quoted_number_hint(value, pattern) -> str:
+    """A number in quotes reaches us as text; say how to write it so YAML reads a number."""
+    if isinstance(value, str) and pattern.fullmatch(value.strip()):
+        return f" (text, not a number: write it without quotes, e.g. {value.strip()})"
+    return ""
+
+
 def _convert(tp, value, file, path, meta=None):
     meta = meta or {}
     origin = typing.get_origin(tp)
@@ -421,12 +433,12 @@ def _convert(tp, value, file, path, meta=None):
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(file, path, f"expected an integer, got {value!r}")
+            raise ConfigError(file, path, f"expected an integer, got {value!r}{_quoted_number_hint(value, _INT)}")
         _check_range(value, meta, file, path)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(file, path, f"expected a number, got {value!r}")
+            raise ConfigError(file, path, f"expected a number, got {value!r}{_quoted_number_hint(value, _NUMBER)}")
         _check_range(float(value), meta, file, path)
         return float(value)
     if tp is str:
@@ -497,14 +509,126 @@ def params_hash(obj) -> str:
 # ---------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------
+class _DuplicateKey(yaml.YAMLError):
+    """Raised while composing; read_yaml turns it into a ConfigError at the key's path."""
+
+    def __init__(self, key_path: str, first: yaml.Mark, again: yaml.Mark):
+        self.key_path, self.first, self.again = key_path, first, again
+        if first.line == again.line:
+            where = f"line {first.line + 1} (columns {first.column + 1} and {again.column + 1})"
+        else:
+            where = f"line {first.line + 1} and again at line {again.line + 1}"
+        super().__init__(f"duplicate key, at {where}: YAML would silently keep only the last")
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """SafeLoader for params files. Duplicate keys are errors (plain YAML keeps the last one,
+    silently dropping the first), and YAML 1.2 floats such as ``1e-3`` are numbers (YAML 1.1
+    needs a dot and a signed exponent, so it reads ``1e-3`` as text)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._path: list[str] = []  # key path of the node being composed, e.g. [".train", ".lr"]
+
+    def compose_node(self, parent, index):
+        if isinstance(index, yaml.Node):  # a mapping value; index is its key
+            part = f".{index.value}" if isinstance(index, yaml.ScalarNode) else ".<key>"
+        elif isinstance(parent, yaml.SequenceNode):
+            part = f"[{index}]"
+        else:  # the root, or a mapping key
+            return super().compose_node(parent, index)
+        self._path.append(part)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._path.pop()
+
+    def compose_mapping_node(self, anchor):
+        # Checked on the composed node, before merge keys (<<) are flattened into it: a key
+        # that overrides a merged one is not a duplicate.
+        node = super().compose_mapping_node(anchor)
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:value":  # a plain "=" key, as PyYAML's merge reads it
+                key_node.tag = "tag:yaml.org,2002:str"
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self._key(key_node)
+            if key in seen:
+                dotted = "".join(self._path + [f".{key_node.value}"]).lstrip(".")
+                raise _DuplicateKey(dotted, seen[key], key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return node
+
+    def flatten_mapping(self, node):
+        """Merge keys (<<) with YAML's rules: own keys beat merged ones, an earlier merged
+        mapping beats a later one. PyYAML's own version keeps the first merged pair by the
+        identity of the key string, so a chained merge (b: {<<: *a, y: 2}, c: {<<: *b}) gave c
+        a's y, or b's, depending on whether the two strings happened to be one object."""
+        merged, own = [], []
+        for key_node, value_node in node.value:
+            if key_node.tag != "tag:yaml.org,2002:merge":
+                own.append((key_node, value_node))
+                continue
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in sources:
+                if not isinstance(source, yaml.MappingNode):
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"expected a mapping or list of mappings for merging, but found {source.id}",
+                        source.start_mark)
+                self.flatten_mapping(source)  # now its keys are unique, own ones included
+                merged.extend(source.value)
+        taken = {self._key(k) for k, _ in own}
+        kept = []
+        for key_node, value_node in merged:
+            if self._key(key_node) not in taken:
+                taken.add(self._key(key_node))
+                kept.append((key_node, value_node))
+        node.value = kept + own
+
+    def _key(self, key_node):
+        return self.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _decode(data: bytes, path: Path) -> str:
+    """UTF-8 text, or an error naming the line and column of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - line_start + 1
+        raise ConfigError(path, "<file>", f"not UTF-8 text: byte 0x{data[e.start]:02x} at line {line}, "
+                          f"column {column} (byte offset {e.start}); save the file as UTF-8") from None
+
+
 def read_yaml(path: str | Path) -> dict:
+    """Parse a params file with :class:`ParamsLoader`; every failure is a ConfigError."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(path, "<file>", "params file not found")
+    if path.is_dir():
+        raise ConfigError(path, "<file>", "is a directory, not a params file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(path, "<file>", f"cannot read the params file: {e.strerror or e}") from None
+    loader = ParamsLoader(_decode(data, path))
+    loader.name = str(path)  # YAML error marks then name the file, not "<unicode string>"
+    try:
+        raw = loader.get_single_data()
+    except _DuplicateKey as e:
+        raise ConfigError(path, e.key_path, str(e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(path, "<file>", f"not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
     if not isinstance(raw, dict):
         raise ConfigError(path, "<root>", "expected a mapping at the top level")
     return raw
@@ -621,6 +745,9 @@ def expand_experiments(experiments: dict, file) -> dict[str, tuple[str, dict]]:
             out[name] = (name, exp)
             continue
         sweep = build(SweepConfig, exp["sweep"], file, f"experiments.{name}.sweep")
+        if not all(part.strip() for part in sweep.key.split(".")):
+            raise ConfigError(file, f"experiments.{name}.sweep.key", f"{sweep.key!r} must be a dotted key path "
+                              "inside the profile, like model.act.rounds, with no empty parts")
         if not sweep.values:
             raise ConfigError(file, f"experiments.{name}.sweep.values", "needs at least one value")
         if len(set(map(str, sweep.values))) != len(sweep.values):

@@ -8,12 +8,14 @@ No torch import here: Snakemake parses this module.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .config import ConfigError, deep_merge, expand_experiments, read_yaml
+from .data.manifest import manifest_path, refresh_if_present
 
 SRC = "src/effdetr"
 COMMON_SRC = [f"{SRC}/config.py", f"{SRC}/cli.py", f"{SRC}/tracking.py", f"{SRC}/utils"]
@@ -66,14 +68,17 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
     except (KeyError, TypeError):
         raise ConfigError(params_file, f"{prof_key}.data", "missing") from None
     root = data["root"]
+    # stages that read the data depend on the root (DVC hashes its content) and on its
+    # manifest: Snakemake compares times only, and a folder's time ignores edits inside it
+    manifest = str(manifest_path(root))
     p = ["--params", params_file]
     stages: list[Stage] = []
 
     kind = data["dataset"]
     data_src = [f"{SRC}/data/synthcoco.py"] if kind == "synth" else [f"{SRC}/data/download.py"]
     stages.append(Stage("data", ["effdetr", "data", kind, *p, "--out", root],
-                        ["profile", f"{prof_key}.data"], deps=data_src + COMMON_SRC, out_dirs=[root],
-                        persist=kind == "coco"))
+                        ["profile", f"{prof_key}.data"], deps=data_src + COMMON_SRC, outs=[manifest],
+                        out_dirs=[root], persist=kind == "coco"))
 
     backbone_file = "data/checkpoints/backbone.pt"
     prof = raw["profiles"][profile]
@@ -83,7 +88,7 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                             ["effdetr", "pretrain", *p, "--data", root, "--out", backbone_file, "--metrics", metrics],
                             ["profile", f"{prof_key}.pretrain", f"{prof_key}.data", f"{prof_key}.input",
                              f"{prof_key}.model.backbone", f"{prof_key}.model.num_classes", f"{prof_key}.train.device"],
-                            deps=[root, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + COMMON_SRC,
+                            deps=[root, manifest, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + COMMON_SRC,
                             outs=[backbone_file], metrics=[metrics], heavy=True))
 
     train_keys = [f"{prof_key}.{s}" for s in ("data", "input", "model", "loss", "train")]
@@ -111,7 +116,8 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 ["effdetr", "train", *p, "--experiment", name, "--data", root, "--out", ckpt,
                                  "--metrics", metrics, *extra],
                                 exp_keys + train_keys,
-                                deps=[root, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + DISTILL_SRC + COMMON_SRC
+                                deps=[root, manifest, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + DISTILL_SRC
+                                + COMMON_SRC
                                 + ([backbone_file] if "--backbone" in extra else []) + weights,
                                 outs=[ckpt], metrics=[metrics], heavy=True, threads=threads))
             report_deps.append(metrics)
@@ -134,8 +140,8 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 ["effdetr", "eval", *p, "--experiment", name, "--data", root, "--checkpoint", weights,
                                  "--out", metrics],
                                 exp_keys + eval_keys,
-                                deps=[root, weights, f"{SRC}/engine", f"{SRC}/data", f"{SRC}/evaluation"] + MODEL_SRC
-                                + COMMON_SRC,
+                                deps=[root, manifest, weights, f"{SRC}/engine", f"{SRC}/data", f"{SRC}/evaluation"]
+                                + MODEL_SRC + COMMON_SRC,
                                 metrics=[metrics], heavy=True, threads=threads, groups=groups))
             report_deps.append(metrics)
 
@@ -155,7 +161,7 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
         stages.append(Stage("speed", ["effdetr", "speed", *p, "--data", root, "--checkpoint", weights, "--out", metrics],
                             ["profile", "speed", f"experiments.{speed['experiment']}"]
                             + [f"{prof_key}.{s}" for s in ("data", "input", "model", "train", "eval")],
-                            deps=[root, weights, f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC,
+                            deps=[root, manifest, weights, f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC,
                             metrics=[metrics], heavy=True))
         report_deps.append(metrics)
 
@@ -179,6 +185,18 @@ def _merged(raw: dict, profile: str, exp: dict, section: str) -> dict:
     for over in (exp.get("overrides", {}), exp.get("profile_overrides", {}).get(profile, {})):
         out = deep_merge(out, over.get(section, {}))
     return out
+
+
+def refresh_data_manifest(raw: dict) -> list[str]:
+    """Called by Snakemake at parse time: an in-place edit of the profile's dataset rewrites its
+    manifest (a stat per file, cached hashes; untouched otherwise), so every stage that reads
+    the data reruns. Returns what changed (also told on stderr: stdout may be parsed)."""
+    data = raw["profiles"][raw["profile"]]["data"]
+    changed = refresh_if_present(data["dataset"], data["root"])
+    if changed:
+        print(f"[data] {data['root']}: manifest refreshed ({'; '.join(changed)}); "
+              "the stages that read it rerun", file=sys.stderr)
+    return changed
 
 
 def load_raw(params_file: str) -> dict:

@@ -1,14 +1,24 @@
 """MLflow tracking (the only module that imports mlflow) with a JSON sidecar per run.
 
 Every CLI invocation is one MLflow run tagged with paper, table, stage, experiment, git
-sha + dirty flag and params hash. Everything logged is also appended to a sidecar JSON
-(``mlruns/sidecars/<uid>.json``) so ``effdetr mlflow sync`` can re-import any run the
-store lost (e.g. a SQLite race or a deleted database). Store calls retry with backoff.
+sha + dirty flag and params hash. Everything logged goes to a sidecar JSON first
+(``mlruns/sidecars/<uid>.json``), then to the store, so ``effdetr mlflow sync`` can
+re-import any run the store lost and complete any run a kill left partial. Tracking never
+stops the science: a failing store or sidecar is warned about once and the command goes on.
+
+A sqlite store gets its schema created once, under a file lock beside the database, by
+whichever process opens it first; a half-migrated store is reported, and
+``effdetr mlflow rebuild`` moves it aside and rebuilds it from the sidecars.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
+import sqlite3
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,16 +29,103 @@ SIDECAR_DIR = Path("mlruns/sidecars")
 ARTIFACT_DIR = Path("mlruns/artifacts")
 
 
+class StoreBroken(RuntimeError):
+    """The sqlite store is half-migrated or unreadable: retrying cannot help, rebuilding does."""
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative or absolute); None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?")[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+@contextlib.contextmanager
+def _store_lock(db: Path):
+    """Exclusive flock on ``<db>.lock``: mlflow's schema creation breaks under concurrent first use."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _schema_head() -> str:
+    from mlflow.store.db.utils import _get_latest_schema_revision
+    return _get_latest_schema_revision()
+
+
+def _store_state(db: Path, thorough: bool = False) -> tuple[str, str]:
+    """("empty" | "ok" | "broken", why), read with sqlite3 alone so mlflow never migrates a broken store.
+
+    Only trustworthy under the lock: outside it, a store being created looks half-migrated.
+    ``thorough`` also reads every page (PRAGMA quick_check), too slow for each open."""
+    if not db.exists():
+        return "empty", ""
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            versions = (sorted(r[0] for r in con.execute("SELECT version_num FROM alembic_version"))
+                        if "alembic_version" in tables else [])
+            check = [r[0] for r in con.execute("PRAGMA quick_check")] if thorough else ["ok"]
+    except sqlite3.OperationalError:
+        raise  # locked or unopenable: transient, the caller retries
+    except sqlite3.DatabaseError as e:
+        return "broken", f"it is not a readable sqlite database ({e})"
+    if check != ["ok"]:
+        return "broken", f"sqlite finds it corrupt ({'; '.join(check[:3])})"
+    leftover = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if leftover:
+        return "broken", f"an interrupted schema migration left table(s) {', '.join(leftover)}"
+    if not tables:
+        return "empty", ""
+    if "alembic_version" not in tables:
+        return "broken", "it has tables but no alembic_version (schema creation was interrupted)"
+    head = _schema_head()
+    if versions != [head]:
+        return "broken", f"its schema is at revision {versions or 'none'}, mlflow expects {head}"
+    return "ok", ""
+
+
+def _broken(db: Path, why: str) -> StoreBroken:
+    return StoreBroken(f"tracking store {db} is broken: {why}. Run `effdetr mlflow rebuild` to move it "
+                       f"aside and rebuild it from the sidecars in {SIDECAR_DIR}")
+
+
+def _ensure_schema(db: Path, uri: str) -> None:
+    """Create the schema once, under the lock; a store that is already complete is only checked."""
+    if _store_state(db)[0] == "ok":
+        return
+    from mlflow.tracking import MlflowClient
+    with _store_lock(db):
+        state, why = _store_state(db)
+        if state == "empty":
+            try:
+                MlflowClient(uri)  # opening an empty store makes mlflow create and migrate its schema
+            except Exception as e:  # noqa: BLE001
+                state, why = _store_state(db)
+                if state != "broken":
+                    raise
+                raise _broken(db, f"{why}, after creating its schema failed ({e})") from e
+            state, why = _store_state(db)
+        if state == "broken":
+            raise _broken(db, why)
 
 
 def _client():
     import mlflow
     from mlflow.tracking import MlflowClient
     uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    db = _sqlite_path(uri)
+    if db is not None:
+        _ensure_schema(db, uri)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(uri)
 
@@ -38,11 +135,26 @@ def _retry(fn, *args, attempts: int = 6, **kwargs):
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - store races (sqlite locks, schema creation)
+        except (StoreBroken, OSError):
+            raise  # a broken store or a full disk is no race: waiting cannot fix it
+        except Exception:  # noqa: BLE001 - store races (sqlite locks)
             if i == attempts - 1:
                 raise
             time.sleep(delay)
             delay *= 2
+
+
+def _connect():
+    """A client on the store; StoreBroken when a sqlite store still cannot be opened after retries."""
+    try:
+        return _retry(_client)
+    except (StoreBroken, OSError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        db = _sqlite_path(tracking_uri())
+        if db is None:
+            raise
+        raise _broken(db, f"mlflow cannot open it ({type(e).__name__}: {e})") from e
 
 
 def experiment_id(client, name: str) -> str:
@@ -57,8 +169,7 @@ def experiment_id(client, name: str) -> str:
 
 def init_store(experiment: str) -> str:
     """Create the schema and the experiment once, before parallel jobs start."""
-    client = _retry(_client)
-    return _retry(experiment_id, client, experiment)
+    return _retry(experiment_id, _connect(), experiment)
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -72,22 +183,27 @@ def flatten(d: Any, prefix: str = "") -> dict[str, str]:
 
 
 class Run:
-    """One tracked invocation; use as a context manager. Logs go to MLflow and the sidecar."""
+    """One tracked invocation; use as a context manager. Logs go to the sidecar, then to MLflow.
+
+    No method raises because of tracking: a store failure is warned about once and the run
+    goes on in the sidecar alone (``sync`` completes it in the store later)."""
 
     def __init__(self, experiment: str, run_name: str, tags: dict[str, str], params: dict):
         self.uid = uuid.uuid4().hex
         self.record = {"uid": self.uid, "experiment": experiment, "run_name": run_name,
                        "tags": {**{k: str(v) for k, v in tags.items()}, "effdetr.uid": self.uid},
                        "params": flatten(params), "metrics": [], "artifacts": [],
-                       "status": "RUNNING", "mlflow_run_id": None, "start_time": int(time.time() * 1000)}
+                       "status": "RUNNING", "mlflow_run_id": None, "start_time": int(time.time() * 1000),
+                       "pid": os.getpid(), "host": socket.gethostname(), "tracking_errors": []}
         self.client = None
         self.run_id = None
+        self._failed: set[str] = set()
 
     # -- context management ---------------------------------------------------------------
     def __enter__(self) -> "Run":
-        SIDECAR_DIR.mkdir(parents=True, exist_ok=True)
+        self._flush()
         try:
-            self.client = _retry(_client)
+            self.client = _connect()
             exp_id = _retry(experiment_id, self.client, self.record["experiment"])
             run = _retry(self.client.create_run, exp_id, run_name=self.record["run_name"],
                          tags=self.record["tags"], start_time=self.record["start_time"])
@@ -95,29 +211,54 @@ class Run:
             self.record["mlflow_run_id"] = self.run_id
             self._batch(params=self.record["params"])
         except Exception as e:  # noqa: BLE001 - tracking must never stop the science
-            print(f"[tracking] MLflow unavailable ({e}); run kept in sidecar {self.sidecar_path}")
-            self.client = None
+            self._store_failed(e)
         self._flush()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         self.record["status"] = "FINISHED" if exc_type is None else "FAILED"
         self.record["end_time"] = int(time.time() * 1000)
+        self._flush()
         if self.client is not None:
             try:
                 _retry(self.client.set_terminated, self.run_id, self.record["status"], self.record["end_time"])
             except Exception as e:  # noqa: BLE001
-                print(f"[tracking] could not close MLflow run: {e}")
-        self._flush()
+                self._store_failed(e)
+        return False  # the science's own exception propagates
 
     @property
     def sidecar_path(self) -> Path:
         return SIDECAR_DIR / f"{self.uid}.json"
 
+    def _warn_once(self, target: str, message: str) -> bool:
+        """Print one ``[tracking]`` warning per target (store, sidecar) and note it in the record."""
+        if target in self._failed:
+            return False
+        self._failed.add(target)
+        self.record["tracking_errors"].append(message)
+        with contextlib.suppress(Exception):
+            print(f"[tracking] {message}", file=sys.stderr, flush=True)
+        return True
+
+    def _store_failed(self, e: Exception) -> None:
+        """Stop using the store for this run; the sidecar keeps everything for ``effdetr mlflow sync``."""
+        self.client = None
+        if self._warn_once("store", f"MLflow store {tracking_uri()} failed ({type(e).__name__}: {e}); "
+                                    f"the run goes on in the sidecar {self.sidecar_path} only, "
+                                    "`effdetr mlflow sync` puts it in the store later"):
+            self._flush()
+
     def _flush(self) -> None:
         tmp = self.sidecar_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.record, indent=1))
-        tmp.replace(self.sidecar_path)
+        try:
+            SIDECAR_DIR.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.record, indent=1))
+            tmp.replace(self.sidecar_path)
+        except Exception as e:  # noqa: BLE001 - a full disk must not stop the science
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self._warn_once("sidecar", f"sidecar {self.sidecar_path} could not be written "
+                                       f"({type(e).__name__}: {e}); this run's tracking record is incomplete")
 
     def _batch(self, metrics=(), params=None) -> None:
         from mlflow.entities import Metric, Param
@@ -132,47 +273,128 @@ class Run:
         entries = [{"key": k.replace("@", "_"), "value": float(v), "step": int(step), "timestamp": now}
                    for k, v in metrics.items() if v is not None]
         self.record["metrics"].extend(entries)
+        self._flush()
         if self.client is not None:
             try:
                 self._batch(metrics=entries)
             except Exception as e:  # noqa: BLE001
-                print(f"[tracking] metric logging failed, kept in sidecar: {e}")
-        self._flush()
+                self._store_failed(e)
 
     def log_artifact(self, path: str | Path) -> None:
         path = Path(path)
         self.record["artifacts"].append(str(path))
+        self._flush()
         if self.client is not None and path.exists():
             try:
                 _retry(self.client.log_artifact, self.run_id, str(path))
             except Exception as e:  # noqa: BLE001
-                print(f"[tracking] artifact upload failed, kept in sidecar: {e}")
-        self._flush()
+                self._store_failed(e)
 
 
-def sync(sidecar_dir: Path = SIDECAR_DIR) -> list[str]:
-    """Re-import every sidecar run whose ``effdetr.uid`` tag the store does not have."""
+def _writer_gone(rec: dict) -> bool:
+    """Whether the process that wrote a RUNNING sidecar can no longer finish it (dead, or another host)."""
+    pid, host = rec.get("pid"), rec.get("host")
+    if pid is None or host != socket.gethostname():
+        return True  # sidecars from before pids were recorded, or another machine's runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def _fill(client, run_id: str, rec: dict, status: str, existing=None) -> bool:
+    """Log what the store's run lacks from its sidecar and close it; False when nothing was missing."""
     from mlflow.entities import Metric, Param, RunTag
-    client = _retry(_client)
-    imported = []
+    if existing and existing.info.status != "RUNNING" and set(rec["params"]) <= set(existing.data.params) \
+            and {m["key"] for m in rec["metrics"]} <= set(existing.data.metrics):
+        return False  # closed by its writer, which only does so after every log reached the store
+    have_params = set(existing.data.params) if existing else set()
+    have_metrics, have_artifacts = set(), set()
+    if existing:
+        for key in {m["key"] for m in rec["metrics"]}:
+            have_metrics |= {(m.key, m.step, m.timestamp) for m in client.get_metric_history(run_id, key)}
+        have_artifacts = {Path(f.path).name for f in client.list_artifacts(run_id)}
+    params = [Param(k, v[:6000]) for k, v in rec["params"].items() if k not in have_params]
+    metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in rec["metrics"]
+               if (m["key"], m["step"], m["timestamp"]) not in have_metrics]
+    artifacts = [a for a in dict.fromkeys(rec["artifacts"]) if Path(a).name not in have_artifacts and Path(a).is_file()]
+    terminate = existing is None or existing.info.status == "RUNNING"
+    if not (params or metrics or artifacts or terminate):
+        return False
+    for i in range(0, max(len(params), len(metrics), 1), 100):
+        client.log_batch(run_id, metrics=metrics[i:i + 100], params=params[i:i + 100],
+                         tags=[RunTag("effdetr.synced", "true")] if i == 0 else [])
+    for art in artifacts:
+        client.log_artifact(run_id, art)
+    if terminate:
+        client.set_terminated(run_id, status, rec.get("end_time"))
+    return True
+
+
+def sync(sidecar_dir: Path = SIDECAR_DIR) -> tuple[list[str], list[str]]:
+    """Re-import sidecar runs the store lacks and complete the ones it holds partially.
+
+    Returns (imported uids, completed uids). A run whose writer is still alive is left to it;
+    one whose writer died while RUNNING is closed as KILLED."""
+    client = _connect()
+    imported, completed = [], []
     for path in sorted(Path(sidecar_dir).glob("*.json")):
         rec = json.loads(path.read_text())
+        if rec["status"] == "RUNNING" and not _writer_gone(rec):
+            continue
+        status = "KILLED" if rec["status"] == "RUNNING" else rec["status"]
         exp_id = _retry(experiment_id, client, rec["experiment"])
         found = client.search_runs([exp_id], filter_string=f"tags.`effdetr.uid` = '{rec['uid']}'")
         if found:
-            continue
-        run = client.create_run(exp_id, run_name=rec["run_name"], tags=rec["tags"], start_time=rec["start_time"])
-        params = [Param(k, v[:6000]) for k, v in rec["params"].items()]
-        metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in rec["metrics"]]
-        for i in range(0, max(len(params), len(metrics), 1), 100):
-            client.log_batch(run.info.run_id, metrics=metrics[i:i + 100], params=params[i:i + 100],
-                             tags=[RunTag("effdetr.synced", "true")] if i == 0 else [])
-        for art in rec["artifacts"]:
-            if Path(art).exists():
-                client.log_artifact(run.info.run_id, art)
-        status = rec["status"] if rec["status"] != "RUNNING" else "KILLED"
-        client.set_terminated(run.info.run_id, status, rec.get("end_time"))
-        rec["mlflow_run_id"] = run.info.run_id
-        path.write_text(json.dumps(rec, indent=1))
-        imported.append(rec["uid"])
-    return imported
+            run_id = found[0].info.run_id
+            if not _fill(client, run_id, rec, status, found[0]):
+                continue
+            completed.append(rec["uid"])
+        else:
+            run_id = client.create_run(exp_id, run_name=rec["run_name"], tags=rec["tags"],
+                                       start_time=rec["start_time"]).info.run_id
+            _fill(client, run_id, rec, status)
+            imported.append(rec["uid"])
+        rec["status"], rec["mlflow_run_id"] = status, run_id
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1))
+        tmp.replace(path)
+    return imported, completed
+
+
+def _mlflow_opens(uri: str) -> bool:
+    """Probe in a child process, so this one never caches a connection to a file about to move.
+
+    A store that is merely busy (locked by live writers) counts as opening: it must not be moved."""
+    import subprocess
+    probe = "import sys; from mlflow.tracking import MlflowClient; MlflowClient(sys.argv[1])"
+    r = subprocess.run([sys.executable, "-c", probe, uri], capture_output=True, text=True)
+    return r.returncode == 0 or "database is locked" in r.stderr
+
+
+def rebuild(sidecar_dir: Path = SIDECAR_DIR) -> tuple[Path | None, list[str], list[str]]:
+    """Move a broken sqlite store aside (never deleted), then let ``sync`` refill a fresh one.
+
+    Returns (where the broken store went or None, imported uids, completed uids). A healthy
+    store stays in place and is only synced. Run it as its own command: a process that already
+    opened the store keeps its connection to the old file."""
+    uri = tracking_uri()
+    db = _sqlite_path(uri)
+    if db is None:
+        raise RuntimeError(f"rebuild handles sqlite stores only, not {uri}")
+    moved = None
+    with _store_lock(db):
+        state = _store_state(db, thorough=True)[0]
+        if state == "broken" or (state == "ok" and not _mlflow_opens(uri)):
+            stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+            moved = db.with_name(f"{db.name}.broken-{stamp}")
+            while moved.exists():
+                n += 1
+                moved = db.with_name(f"{db.name}.broken-{stamp}-{n}")
+            for suffix in ("-journal", "-wal", "-shm", ""):  # sqlite finds a journal by the db's name
+                if Path(f"{db}{suffix}").exists():
+                    Path(f"{db}{suffix}").rename(f"{moved}{suffix}")
+    return (moved, *sync(sidecar_dir))

@@ -6,7 +6,10 @@ Checks run when a dataset is opened, before any compute, and raise
 training targets (as in DETR); boxes are clipped to their image; a box with no area after
 clipping (zero width/height, or lying wholly outside the image) is dropped and counted in
 ``dataset.dropped``. Negative widths/heights, non-numeric boxes, unknown category ids,
-duplicate ids, images without a file and malformed JSON are errors.
+duplicate ids, images without a file, malformed JSON and non-UTF-8 bytes are errors. An
+image that cannot be read, or that PIL refuses as a decompression bomb, is an error naming
+the file and the image id; ``effdetr data verify`` and the stages that read the data decode
+every image once beforehand (effdetr.data.images), so this is rarely met mid-epoch.
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from .images import ImageProblem, open_rgb
+from .manifest import layout
 
 
 class AnnotationError(ValueError):
@@ -29,10 +34,7 @@ class AnnotationError(ValueError):
 
 def split_paths(data_cfg, split: str, root: str | Path | None = None) -> tuple[Path, Path]:
     """(image folder, annotation file) of a split ('train' / 'val') for either dataset."""
-    root = Path(root or data_cfg.root)
-    if data_cfg.dataset == "coco":
-        return root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
-    return root / "images" / split, root / "annotations" / f"instances_{split}.json"
+    return layout(data_cfg.dataset, root or data_cfg.root, split)
 
 
 def _is_num(x) -> bool:
@@ -45,8 +47,17 @@ def load_annotations(ann_file: str | Path, img_dir: str | Path | None = None,
     ann_file = Path(ann_file)
     if not ann_file.exists():
         raise AnnotationError(ann_file, "<file>", "annotation file not found")
+    raw = ann_file.read_bytes()
     try:
-        data = json.loads(ann_file.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise AnnotationError(ann_file, "<encoding>", f"not UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                              f"(line {line}, column {column}; {e.reason})") from None
+    del raw  # the 450 MB COCO train file: do not hold it twice while parsing
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise AnnotationError(ann_file, "<json>", f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(data, dict):
@@ -143,10 +154,9 @@ class CocoDetection(Dataset):
         im = self.images[idx]
         path = self.img_dir / im["file_name"]
         try:
-            with Image.open(path) as f:
-                img = f.convert("RGB")
-        except OSError as e:
-            raise AnnotationError(path, "<image>", f"cannot read image ({e})") from None
+            img = open_rgb(path)
+        except ImageProblem as e:
+            raise AnnotationError(self.ann_file, f"images[id={im['id']}]", f"{path}: {e}") from None
         if (img.height, img.width) != (im["height"], im["width"]):
             raise AnnotationError(self.ann_file, f"images[id={im['id']}].height/width",
                                   f"says {im['height']}x{im['width']} but {path} is {img.height}x{img.width}")

@@ -2,8 +2,9 @@
 
 Each archive goes to ``<name>.zip.part``; an interrupted transfer resumes with an HTTP
 Range request. Only after the size, then the MD5, then the zip's own CRCs check out is the
-file renamed to ``<name>.zip``. A file that fails a check is renamed ``*.bad`` (kept, never
-deleted) and the error names it with expected vs. found values. Extraction goes to a
+file renamed to ``<name>.zip``. A file that fails a check is renamed ``*.bad`` (``*.bad.1``,
+``*.bad.2``, ... on later failures: kept, never overwritten or deleted) and the error names it
+with expected vs. found values; a rerun downloads it again from scratch. Extraction goes to a
 temporary folder beside the target and is moved into place with renames.
 """
 from __future__ import annotations
@@ -56,9 +57,15 @@ def sha256sum(path: Path) -> str:
 
 
 def _quarantine(path: Path, why: str) -> DownloadError:
-    bad = path.with_name(path.name + ".bad")
+    """Move a failed file aside as ``.bad``, ``.bad.1``, ``.bad.2``, ...: a repeated failure
+    (e.g. a mirror serving a broken file) must not overwrite the evidence of the first."""
+    bad, n = path.with_name(path.name + ".bad"), 0
+    while bad.exists():
+        n += 1
+        bad = path.with_name(f"{path.name}.bad.{n}")
     os.replace(path, bad)
-    return DownloadError(f"{path}: {why}; kept as {bad} (delete it to download again)")
+    return DownloadError(f"{path}: {why}; moved to {bad}, kept for inspection (delete it when done). "
+                         f"A rerun downloads the file again from scratch")
 
 
 def _transfer(url: str, part: Path, size: int | None, timeout: float) -> None:
@@ -126,7 +133,7 @@ def fetch_checked(url: str, dest: Path, sha256: str | None = None, size: int | N
                   timeout: float = 60.0) -> Path:
     """A single file (a released checkpoint): resumable download to ``dest.part``; the size
     and the SHA-256 (or its prefix, as torch.hub file names carry) are checked where known,
-    then the file is renamed into place. A failing file is kept as ``*.bad``."""
+    then the file is renamed into place. A failing file is kept as ``*.bad`` (numbered, never overwritten)."""
     dest = Path(dest)
     if dest.exists():
         return dest

@@ -1,19 +1,108 @@
-"""Atomic checkpoint files: write to a temporary name in the same folder, then rename."""
+"""Atomic checkpoint files: write to a temporary name in the same folder, then rename.
+
+Loaded weights are checked to be finite: a NaN model would otherwise train or evaluate
+to the end and only show up as AP 0 (or a box-ops assert far from its cause).
+"""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import torch
 
 
-def save_atomic(obj, path: str | Path) -> None:
+class NonFiniteError(ValueError):
+    """A tensor holds NaN/Inf (a ValueError, so the CLI reports it as an error)."""
+
+
+class DiskFullError(RuntimeError):
+    """A save ran out of disk space; the previous file at that path was kept."""
+
+
+def first_nonfinite(obj, prefix: str = "") -> str | None:
+    """Key (dotted path) of the first floating tensor in ``obj`` with a NaN/Inf, or None.
+
+    Walks nested dicts/lists/tuples, so optimizer state dicts are covered too; integer
+    tensors (step counts, RNG states) cannot be non-finite and are skipped."""
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+            return prefix or "<tensor>"
+        return None
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        bad = first_nonfinite(v, f"{prefix}.{k}" if prefix else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+def check_finite(obj, where: str | Path, what: str = "") -> None:
+    """Raise :class:`NonFiniteError` naming ``where`` and the first non-finite tensor."""
+    bad = first_nonfinite(obj, what)
+    if bad is not None:
+        raise NonFiniteError(f"{where}: tensor '{bad}' has NaN/Inf values")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    # torch's zip writer reports a short write as "enforce fail at inline_container.cc ... unexpected pos"
+    return isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "No space left" in str(e))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete ``.<name>.tmp.<pid>`` files that a killed writer of ``path`` left behind.
+
+    Only those whose pid is not a live process (or is ours: we are about to rewrite it)
+    are removed, so a concurrent writer's file on this host is never pulled from under it.
+    On a shared file system a writer on another host is not visible here; its dead temp
+    files stay (harmless) until a save from a host where the pid is free."""
+    prefix = f".{path.name}.tmp."
+    for tmp in path.parent.glob(f"{prefix}*"):
+        pid = tmp.name[len(prefix):]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj, path: str | Path, previous: str | Path | None = None) -> None:
+    """``torch.save`` to a temporary file, fsync, then rename over ``path``: a crash or a
+    full disk never leaves a truncated ``path``. With ``previous``, the old ``path`` is
+    renamed to it first (after the new file is safely written), so two good copies exist.
+
+    A full disk raises :class:`DiskFullError` ("no space left on ...") with the old file
+    untouched and the temporary file removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if _is_disk_full(e):
+            kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+            raise DiskFullError(f"no space left on {path.parent} to write {path}{kept}") from e
+        raise
+    if previous is not None and path.exists():
+        os.replace(path, previous)
     os.replace(tmp, path)
 
 
@@ -29,11 +118,13 @@ def load_checkpoint(path: str | Path, trusted: bool = False) -> dict:
 
 
 def load_model_checkpoint(path: str | Path) -> dict:
-    """A final model file: {'model': state_dict, 'model_config': dict, ...}; checked keys."""
+    """A final model file: {'model': state_dict, 'model_config': dict, ...}; checked keys
+    and finite weights (a NaN model would otherwise evaluate to AP 0 without an error)."""
     ckpt = load_checkpoint(path)
     for key in ("model", "model_config"):
-        if key not in ckpt:
+        if not isinstance(ckpt, dict) or key not in ckpt:
             raise ValueError(f"{path}: checkpoint field '{key}' is missing (not an effdetr model file?)")
+    check_finite(ckpt["model"], path, "model")
     return ckpt
 
 

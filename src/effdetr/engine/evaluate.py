@@ -11,6 +11,18 @@ from ..evaluation.coco_eval import coco_evaluate, load_coco_gt
 from ..evaluation.flops import count_flops, token_shares
 from ..evaluation.speed import measure_fps
 from ..models.postprocess import postprocess
+from .checkpoint import NonFiniteError, check_finite
+
+
+def _check_outputs(out: dict, targets: list[dict]) -> None:
+    """NaN/Inf scores or boxes would be scored as misses (AP 0) instead of reported."""
+    for key in ("pred_logits", "pred_boxes"):
+        if key not in out:
+            continue
+        finite = torch.isfinite(out[key].float()).flatten(1).all(1)
+        if not bool(finite.all()):
+            iid = int(targets[int((~finite).nonzero()[0])]["image_id"])
+            raise NonFiniteError(f"model output {key} has NaN/Inf values for image id {iid}; not scoring it")
 
 
 @torch.no_grad()
@@ -27,6 +39,7 @@ def predict(model, loader: DataLoader, device: torch.device, amp: bool = False) 
         if device.type == "cuda":
             torch.cuda.synchronize()
         model_time += time.perf_counter() - t0
+        _check_outputs(out, targets)
         orig = torch.stack([t["orig_size"] for t in targets]).to(device)
         for tgt, res in zip(targets, post(out, orig)):
             iid = int(tgt["image_id"])
@@ -48,6 +61,8 @@ def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, floa
     kernels = [attn.kernel for attn in transformer.encoder_attention_modules()] if transformer else []
     sums: dict[str, float] = {}
     n = min(num_images, len(dataset))
+    if n == 0:
+        raise ValueError(f"{getattr(dataset, 'ann_file', 'dataset')}: no images to count FLOPs on")
     for i in range(n):
         img, _ = dataset[i]
         mask = torch.zeros(1, *img.shape[-2:], dtype=torch.bool, device=device)
@@ -71,6 +86,11 @@ def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, floa
 def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num_workers: int,
                      area_ranges, amp: bool = False, flops_images: int = 0, fps_iters: int = 0,
                      fps_warmup: int = 0, fps_batch_sizes: tuple[int, ...] = (1,)) -> dict:
+    """COCO AP (and optionally FLOPs / FPS) of ``model`` on ``dataset``; fails before any
+    compute on an empty split or non-finite weights, which could only give a fake AP."""
+    if not len(dataset):
+        raise ValueError(f"{dataset.ann_file}: the split has no images to evaluate")
+    check_finite(model.state_dict(), "model to evaluate")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     dets, ids, sec_per_img = predict(model, loader, device, amp)
     gt = load_coco_gt(str(dataset.ann_file))

@@ -3,7 +3,10 @@
 Resumable state (model, optimizer, epoch, iteration, RNG states, running meters) lives in
 ``work_dir/last.pt`` -- outside anything Snakemake/DVC declare, so a killed job's rerun
 picks it up. ``work_dir`` is keyed by the params hash and the package source hash (see
-cli.cmd_train), so neither a params edit nor a code edit resumes a stale run. Augmentation randomness is seeded per sample from (seed, epoch, position), and
+cli.cmd_train), so neither a params edit nor a code edit resumes a stale run. The snapshot
+before it is kept as ``work_dir/prev.pt``: a ``last.pt`` that cannot be read or holds
+NaN/Inf is moved aside (``last.pt.bad-<n>``) and the run resumes from ``prev.pt``.
+Augmentation randomness is seeded per sample from (seed, epoch, position), and
 the shuffle order from (seed, epoch), so skipping the first k batches of an epoch after a
 restart reproduces exactly what an uninterrupted run would have seen (bitwise on CPU).
 """
@@ -11,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,66 @@ from ..models import build_model
 from ..models.backbone import load_backbone_weights
 from ..models.criterion import build_criterion
 from ..utils.repro import resolve_device, rng_state, seed_everything, set_rng_state
-from .checkpoint import build_trained_model, load_checkpoint, load_compatible_checkpoint, save_atomic
+from .checkpoint import (
+    build_trained_model,
+    check_finite,
+    first_nonfinite,
+    load_checkpoint,
+    load_compatible_checkpoint,
+    save_atomic,
+)
+
+STATE_KEYS = ("model", "optimizer", "epoch", "iter", "step", "history", "meters", "rng")
+
+
+class TrainingDiverged(RuntimeError):
+    """NaN/Inf loss or weights during training (a RuntimeError: the CLI reports it)."""
+
+
+def _read_state(path: Path) -> dict:
+    """A resumable state file, or ValueError naming it (unreadable, incomplete, non-finite)."""
+    st = load_checkpoint(path, trusted=True)
+    missing = [k for k in STATE_KEYS if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise ValueError(f"{path}: not a complete resumable state (missing {missing})")
+    for key in ("model", "optimizer", "distiller"):
+        check_finite(st.get(key, {}), path, key)
+    return st
+
+
+def _move_aside(path: Path) -> Path:
+    n = 1
+    while path.with_name(f"{path.name}.bad-{n}").exists():
+        n += 1
+    bad = path.with_name(f"{path.name}.bad-{n}")
+    path.rename(bad)
+    return bad
+
+
+def load_resumable(work: Path) -> tuple[dict | None, Path | None]:
+    """(state, its file) from ``work/last.pt``, else the older ``work/prev.pt``; (None, None)
+    for a fresh run. A bad ``last.pt`` is kept as ``last.pt.bad-<n>`` (never deleted, for
+    inspection) with a warning; if no snapshot is good the error names both files."""
+    last, prev = work / "last.pt", work / "prev.pt"
+    if not last.exists() and not prev.exists():
+        return None, None
+    problems = []
+    for path in (last, prev):
+        try:
+            st = _read_state(path)
+        except FileNotFoundError:  # no last.pt: killed between the two renames of a snapshot
+            problems.append(f"{path} is missing")
+            continue
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if path == prev and last.exists():
+            bad = _move_aside(last)
+            print(f"[train] warning: {problems[0]}\n[train] warning: moved it to {bad}; resuming from "
+                  f"the older snapshot {prev} instead", file=sys.stderr, flush=True)
+        return st, path
+    raise RuntimeError(f"cannot resume: {problems[0]}; and the older snapshot: {problems[1]}. "
+                       f"Move {last} and {prev} aside to start this run over")
 
 
 class SeededSamples(Dataset):
@@ -100,6 +162,12 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
     dataset = CocoDetection(img_dir, ann, build_transforms(cfg.input, train=True), cfg.model.num_classes)
     if dataset.dropped:
         print(f"[data] {ann}: dropped {dataset.dropped} boxes with no area inside their image")
+    # an empty split would "train" zero steps and write an untrained model
+    if not len(dataset):
+        raise ValueError(f"{ann}: the train split has no images")
+    if not any(not a.get("iscrowd", 0) for im in dataset.images for a in dataset.by_image.get(im["id"], ())):
+        raise ValueError(f"{ann}: the train split has no usable annotations (every box is crowd, "
+                         "dropped or absent): nothing to train on")
     model = model_builder(cfg.model)
     if init:
         # weights only: the ACT student keeps its own (parameter-free) kernels
@@ -130,10 +198,10 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
     work = Path(work_dir)
     state_path = work / "last.pt"
     start_epoch, start_iter, step, history, meters = 0, 0, 0, [], {}
-    if state_path.exists():
-        st = load_checkpoint(state_path, trusted=True)
+    st, resumed_from = load_resumable(work)
+    if st is not None:
         if st.get("params_hash") != phash:
-            raise RuntimeError(f"{state_path}: written for params hash {st.get('params_hash')}, not {phash}")
+            raise RuntimeError(f"{resumed_from}: written for params hash {st.get('params_hash')}, not {phash}")
         model.load_state_dict(st["model"])
         if distiller is not None:
             distiller.load_state_dict(st.get("distiller", {}))
@@ -141,13 +209,24 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
         start_epoch, start_iter, step = st["epoch"], st["iter"], st["step"]
         history, meters = st["history"], st["meters"]
         set_rng_state(st["rng"])
-        print(f"[train] resuming from {state_path}: epoch {start_epoch} iter {start_iter}")
+        print(f"[train] resuming from {resumed_from}: epoch {start_epoch} iter {start_iter}")
+    resumed = f" (resumed from {resumed_from})" if resumed_from else ""
+
+    def check_weights(where):
+        """Never snapshot or write non-finite weights: they would replace the last good state."""
+        for name, sd in (("model", model.state_dict()), ("optimizer", optimizer.state_dict()),
+                         ("distiller", distiller.state_dict() if distiller is not None else {})):
+            bad = first_nonfinite(sd, name)
+            if bad is not None:
+                raise TrainingDiverged(f"training diverged{resumed}: tensor '{bad}' has NaN/Inf values "
+                                       f"{where}; not writing it")
 
     def snapshot(epoch, it):
+        check_weights(f"before writing {state_path}")
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                      "distiller": distiller.state_dict() if distiller is not None else {},
                      "iter": it, "step": step, "history": history, "meters": meters, "rng": rng_state(),
-                     "params_hash": phash}, state_path)
+                     "params_hash": phash}, state_path, previous=work / "prev.pt")
 
     num_aux = cfg.model.dec_layers - 1 if cfg.model.aux_loss else 0
     progress = Progress(t.log_every_s)
@@ -181,8 +260,8 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
                 total = total + distiller.total(kd)
                 losses.update(kd)
             if not torch.isfinite(total):
-                raise FloatingPointError(f"loss is {total.item()} at epoch {epoch} iter {it}; "
-                                         f"components: { {k: v.item() for k, v in losses.items()} }")
+                raise TrainingDiverged(f"training diverged{resumed}: loss is {total.item()} at epoch {epoch} "
+                                       f"iter {it}; components: { {k: v.item() for k, v in losses.items()} }")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             if t.clip_max_norm > 0:
@@ -209,6 +288,7 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
         start_iter, meters = 0, {}
         snapshot(epoch + 1, 0)
 
+    check_weights(f"before writing the final model {out_path}")
     save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(cfg.model), "params_hash": phash,
                  "epochs": t.epochs}, out_path)
     return {"final": history[-1] if history else {}, "history": history}
