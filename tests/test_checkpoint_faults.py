@@ -3,6 +3,7 @@ instead of exiting 0 with a NaN or untrained model (issue 16)."""
 import dataclasses
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -202,6 +203,25 @@ def test_snapshots_rotate(tmp_path):
     assert not (tmp_path / "prev.pt").exists()
     save_atomic({"v": 2}, tmp_path / "last.pt", previous=tmp_path / "prev.pt")
     assert torch.load(tmp_path / "last.pt")["v"] == 2 and torch.load(tmp_path / "prev.pt")["v"] == 1
+
+
+def test_a_kill_during_rotation_leaves_a_complete_last(tmp_path, monkeypatch):
+    """Killed after the old state became prev.pt but before the new one became last.pt: a
+    complete last.pt must still exist (else the newest state sits only in a temp file that
+    the next save removes as stale)."""
+    import effdetr.engine.checkpoint as ck
+    last, prev = tmp_path / "last.pt", tmp_path / "prev.pt"
+    save_atomic({"v": 1}, last, previous=prev)
+    real_replace = os.replace
+
+    def killed_before_last(src, dst):
+        if Path(dst) == last:
+            raise KeyboardInterrupt  # the kill
+        return real_replace(src, dst)
+    monkeypatch.setattr(ck.os, "replace", killed_before_last)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"v": 2}, last, previous=prev)
+    assert torch.load(last)["v"] == 1 and torch.load(prev)["v"] == 1
 
 
 # --- empty splits (cases 3, 8) ------------------------------------------------------------

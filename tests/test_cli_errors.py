@@ -80,3 +80,12 @@ def test_act_eval_rejects_a_checkpoint_of_another_architecture(tmp_path, capsys,
     assert main(["eval", "--params", str(TINY), "--experiment", "act_L16", "--data", str(tiny_data),
                  "--out", str(tmp_path / "e.json"), "--checkpoint", str(tmp_path / "w.pt")]) == 2
     assert "w.pt: model_config.hidden_dim is 48 but the experiment needs 32" in capsys.readouterr().err
+
+
+def test_os_errors_are_named_not_tracebacks(tmp_path, capsys):
+    """An OSError other than a missing file (here: writing the DVC file onto a folder) is an
+    error naming the path, exit 2, like every other bad input."""
+    (tmp_path / "dvc.yaml").mkdir()
+    assert main(["dag", "dvc", "--params", str(TINY), "--out", str(tmp_path / "dvc.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("effdetr dag: error:") and str(tmp_path / "dvc.yaml") in err

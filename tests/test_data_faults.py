@@ -109,6 +109,43 @@ def test_train_after_an_in_place_edit_refuses_then_starts_over(workdir, tiny_dat
     assert main(train) == 0
     assert work_dirs[2] != work_dirs[0]  # starts over on the edited data
 
+    # a val-only fix is recorded too, but training never reads val: its state stays resumable
+    edit_annotation(workdir / ROOT, "val")
+    assert main(["data", "manifest", "--out", ROOT]) == 0
+    assert main(train) == 0
+    assert work_dirs[3] == work_dirs[2]
+
+    # an empty val split is found before training, not by the eval stage afterwards
+    ann = workdir / ROOT / "annotations" / "instances_val.json"
+    doc = json.loads(ann.read_text())
+    ann.write_text(json.dumps(dict(doc, images=[], annotations=[])))
+    assert main(["data", "manifest", "--out", ROOT]) == 0
+    capsys.readouterr()
+    assert main(train) == 2
+    assert "instances_val.json: the val split has no images" in capsys.readouterr().err
+    assert len(work_dirs) == 4
+
+
+def test_parse_time_refresh_never_breaks_the_workflow(workdir, tiny_data, monkeypatch, capsys):
+    """A read-only data/ or a full disk: Snakemake still parses (warned), no temp file is left."""
+    from effdetr import stages
+    from effdetr.data import manifest
+    shutil.copy(TINY, workdir / "params.yaml")
+    shutil.copytree(tiny_data, workdir / ROOT)
+    raw = stages.load_raw("params.yaml")
+    real_write_text = type(workdir).write_text
+
+    def enospc(self, *a, **k):
+        if self.name.endswith(".tmp"):
+            real_write_text(self, "partial")
+            raise OSError(28, "No space left on device", str(self))
+        return real_write_text(self, *a, **k)
+    monkeypatch.setattr(type(workdir), "write_text", enospc)
+    assert stages.refresh_data_manifest(raw) == []
+    assert "could not refresh the manifest" in capsys.readouterr().err
+    assert not manifest.manifest_path(ROOT).exists()
+    assert not list((workdir / "data").glob(".*.tmp"))
+
 
 def test_verify_decodes_every_image_and_names_file_and_id(synth, capsys):
     """Before: `data verify` checked the JSON alone; a broken image surfaced when first sampled,

@@ -136,6 +136,8 @@ def test_rebuild_moves_a_broken_store_aside_and_reimports_every_sidecar(workdir,
     assert "is broken" in err and "effdetr mlflow rebuild" in err
     sync = effdetr("mlflow", "sync")
     assert sync.returncode == 2 and "is broken" in sync.stderr and "effdetr mlflow rebuild" in sync.stderr
+    init = effdetr("mlflow", "init")  # Snakemake's onstart: reported, but the DAG is not stopped
+    assert init.returncode == 0 and "is broken" in init.stderr, init.stderr[-3000:]
 
     rebuilt = effdetr("mlflow", "rebuild")
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
@@ -245,3 +247,36 @@ def test_cli_stage_writes_its_outputs_on_a_full_disk(workdir, monkeypatch, capsy
     assert cli.main(["data", "synth", "--out", "data/synthcoco", "--params", str(TINY)]) == 0
     assert json.loads((workdir / "data/synthcoco/manifest.json").read_text())["summary"]
     assert "[tracking]" in capsys.readouterr().err
+
+
+def test_a_store_of_another_schema_revision_is_upgraded_not_moved_aside(workdir):
+    with Run("faults", "kept", {}, {}) as run:
+        run.log_metrics({"m": 1.0})
+    db = db_path()
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE alembic_version SET version_num = '0a8213491aaa'")  # an older revision
+    before = db.read_bytes()
+    init = effdetr("mlflow", "init")
+    assert init.returncode == 0 and "mlflow db upgrade" in init.stderr, init.stderr[-3000:]
+    rebuilt = effdetr("mlflow", "rebuild")
+    assert rebuilt.returncode == 2 and "mlflow db upgrade" in rebuilt.stderr, rebuilt.stderr[-3000:]
+    assert not list(db.parent.glob("mlflow.db.broken-*")) and db.read_bytes() == before
+
+
+def test_sync_leaves_another_hosts_live_run_alone(workdir):
+    """Another host's pid cannot be checked from here: its RUNNING run is only closed as KILLED
+    once its sidecar has been silent for a day (a live run rewrites it every epoch)."""
+    with Run("faults", "elsewhere", {}, {"lr": 0.1}):
+        pass
+    side = next(Path("mlruns/sidecars").glob("*.json"))
+    rec = json.loads(side.read_text())
+    rec.update(status="RUNNING", host="another-node", pid=1)
+    side.write_text(json.dumps(rec))
+    with sqlite3.connect(db_path()) as con:
+        con.execute("UPDATE runs SET status = 'RUNNING', end_time = NULL")
+    tracking.sync()
+    assert store_runs()["elsewhere"]["status"] == "RUNNING"
+    old = time.time() - tracking.OTHER_HOST_STALE_S - 60
+    os.utime(side, (old, old))
+    tracking.sync()
+    assert store_runs()["elsewhere"]["status"] == "KILLED"

@@ -108,9 +108,11 @@ def cmd_train(args) -> None:
     phash = C.params_hash(cfg)
     # Fail before compute: the data must be there, match its manifest and pass the annotation
     # and image checks, and the weights this run starts from / distils must exist and fit.
-    _build_eval_dataset(cfg, args.data)
+    val = _build_eval_dataset(cfg, args.data)
+    if not len(val):  # found now, not after training, when the eval stage would fail on it
+        raise ValueError(f"{val.ann_file}: the val split has no images to evaluate")
     from .data.verify import check_data
-    data_digest = check_data(cfg, args.data, ("train", "val"))
+    data_digest = check_data(cfg, args.data, ("train", "val"))["train"]
     _check_weights(args, cfg, exp)
     from .engine.train import train
     from .tracking import Run
@@ -311,7 +313,14 @@ def cmd_mlflow(args) -> None:
     from . import tracking
     name = C.load_params(args.params)[0].tracking.experiment
     if args.action == "init":
-        exp_id = tracking.init_store(name)
+        try:
+            exp_id = tracking.init_store(name)
+        except (tracking.StoreBroken, OSError) as e:
+            # Snakemake's onstart runs this: a broken store must not stop the science (every
+            # run still writes its sidecar), only be reported.
+            print(f"[mlflow] warning: {e}; runs are kept in their sidecars until the store is repaired",
+                  file=sys.stderr)
+            return
         print(f"[mlflow] store {tracking.tracking_uri()} ready, experiment '{name}' (id {exp_id})")
         return
     if args.action == "rebuild":
@@ -416,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except (C.ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"effdetr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a full disk or a read-only folder: name the file, no traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"effdetr {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     return 0
 

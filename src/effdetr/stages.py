@@ -192,7 +192,12 @@ def refresh_data_manifest(raw: dict) -> list[str]:
     manifest (a stat per file, cached hashes; untouched otherwise), so every stage that reads
     the data reruns. Returns what changed (also told on stderr: stdout may be parsed)."""
     data = raw["profiles"][raw["profile"]]["data"]
-    changed = refresh_if_present(data["dataset"], data["root"])
+    try:
+        changed = refresh_if_present(data["dataset"], data["root"])
+    except OSError as e:  # a read-only data/ or a full disk must not stop the workflow parsing
+        print(f"[data] warning: could not refresh the manifest of {data['root']} ({e}); in-place "
+              "edits of the data are not detected in this run", file=sys.stderr)
+        return []
     if changed:
         print(f"[data] {data['root']}: manifest refreshed ({'; '.join(changed)}); "
               "the stages that read it rerun", file=sys.stderr)

@@ -89,8 +89,8 @@ def _store_state(db: Path, thorough: bool = False) -> tuple[str, str]:
     if "alembic_version" not in tables:
         return "broken", "it has tables but no alembic_version (schema creation was interrupted)"
     head = _schema_head()
-    if versions != [head]:
-        return "broken", f"its schema is at revision {versions or 'none'}, mlflow expects {head}"
+    if versions != [head]:  # complete, but another mlflow version's schema: upgrade, never move it aside
+        return "outdated", f"its schema is at revision {versions or 'none'}, this mlflow expects {head}"
     return "ok", ""
 
 
@@ -117,6 +117,9 @@ def _ensure_schema(db: Path, uri: str) -> None:
             state, why = _store_state(db)
         if state == "broken":
             raise _broken(db, why)
+        if state == "outdated":
+            raise StoreBroken(f"tracking store {db}: {why}. Upgrade it in place with `mlflow db upgrade "
+                              f"{uri}` (a store written by a newer mlflow needs that version)")
 
 
 def _client():
@@ -291,11 +294,17 @@ class Run:
                 self._store_failed(e)
 
 
-def _writer_gone(rec: dict) -> bool:
-    """Whether the process that wrote a RUNNING sidecar can no longer finish it (dead, or another host)."""
+OTHER_HOST_STALE_S = 24 * 3600  # a live run rewrites its sidecar at least every epoch
+
+
+def _writer_gone(rec: dict, sidecar: Path) -> bool:
+    """Whether the process that wrote a RUNNING sidecar can no longer finish it: dead on this
+    host, or (its pid is not visible from here) another host's run silent for a day."""
     pid, host = rec.get("pid"), rec.get("host")
-    if pid is None or host != socket.gethostname():
-        return True  # sidecars from before pids were recorded, or another machine's runs
+    if pid is None:
+        return True  # sidecars from before pids were recorded
+    if host != socket.gethostname():
+        return time.time() - sidecar.stat().st_mtime > OTHER_HOST_STALE_S
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -343,7 +352,7 @@ def sync(sidecar_dir: Path = SIDECAR_DIR) -> tuple[list[str], list[str]]:
     imported, completed = [], []
     for path in sorted(Path(sidecar_dir).glob("*.json")):
         rec = json.loads(path.read_text())
-        if rec["status"] == "RUNNING" and not _writer_gone(rec):
+        if rec["status"] == "RUNNING" and not _writer_gone(rec, path):
             continue
         status = "KILLED" if rec["status"] == "RUNNING" else rec["status"]
         exp_id = _retry(experiment_id, client, rec["experiment"])

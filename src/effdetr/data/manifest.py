@@ -63,10 +63,15 @@ def read_json(path: Path) -> dict | None:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Atomic (temp file + rename; the pid keeps concurrent writers apart)."""
+    """Atomic (temp file + rename; the pid keeps concurrent writers apart); a failed write
+    (full disk, read-only folder) leaves no temp file behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_cache(root: str | Path) -> dict:
@@ -139,6 +144,13 @@ def scan(kind: str, root: str | Path) -> dict:
     return {"digest": digest, **body}
 
 
+def split_digest(manifest: dict, split: str) -> str:
+    """Digest of one split's entry: training is keyed by the train split alone, so fixing a
+    val annotation does not make a finished training start over."""
+    entry = manifest["splits"][split]
+    return hashlib.sha256(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def changes(old: dict, new: dict, limit: int = 5) -> list[str]:
     """What differs between two manifests, file by file (the first ``limit``, then a count)."""
     out = []
@@ -176,9 +188,9 @@ def refresh_if_present(kind: str, root: str | Path) -> list[str]:
     return refresh(kind, root) if Path(root).is_dir() else []
 
 
-def require_current(kind: str, root: str | Path) -> str:
-    """The data's digest, after checking it matches the manifest on disk (a missing manifest
-    is written: nothing recorded can disagree). Raises :class:`DataChanged` naming the files."""
+def require_current(kind: str, root: str | Path) -> dict:
+    """The data's manifest as it is now, after checking it matches the one on disk (a missing
+    manifest is written: nothing recorded can disagree). Raises :class:`DataChanged` naming the files."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no dataset here (make it with `effdetr data synth|coco --out {root}`)")
@@ -192,4 +204,4 @@ def require_current(kind: str, root: str | Path) -> str:
             f"{root} changed since {path} was written: {'; '.join(changes(recorded, current))}. "
             f"Record it with `effdetr data manifest --out {root}` (rerunning the DAG does that too), then "
             f"rerun: every stage that reads this data reruns and training starts over instead of resuming")
-    return current["digest"]
+    return current

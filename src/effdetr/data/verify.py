@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .coco import AnnotationError, load_annotations, split_paths
 from .images import verify_images
-from .manifest import require_current
+from .manifest import require_current, split_digest
 
 SHOWN = 10  # failing images quoted in one error
 
@@ -29,8 +29,8 @@ def verify_splits(cfg, root: str | Path, splits) -> dict[str, dict]:
     return out
 
 
-def check_data(cfg, root: str | Path, splits=("train", "val")) -> str:
-    """Everything above for the splits a command reads; returns the data's digest."""
-    digest = require_current(cfg.data.dataset, root)
+def check_data(cfg, root: str | Path, splits=("train", "val")) -> dict[str, str]:
+    """Everything above for the splits a command reads; returns {split: digest of its files}."""
+    current = require_current(cfg.data.dataset, root)
     verify_splits(cfg, root, splits)
-    return digest
+    return {split: split_digest(current, split) for split in splits}

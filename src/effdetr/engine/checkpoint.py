@@ -102,8 +102,22 @@ def save_atomic(obj, path: str | Path, previous: str | Path | None = None) -> No
             raise DiskFullError(f"no space left on {path.parent} to write {path}{kept}") from e
         raise
     if previous is not None and path.exists():
-        os.replace(path, previous)
+        _keep_as_previous(path, Path(previous))
     os.replace(tmp, path)
+
+
+def _keep_as_previous(path: Path, previous: Path) -> None:
+    """Make ``previous`` a second name of the current ``path`` (hard link, then rename), so a
+    kill at any moment still leaves a complete ``path``; file systems without hard links
+    fall back to a rename (a kill right then leaves ``previous`` only, which resume accepts)."""
+    link = previous.with_name(f".{previous.name}.tmp.{os.getpid()}")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:
+        os.replace(path, previous)
+        return
+    os.replace(link, previous)
 
 
 def load_checkpoint(path: str | Path, trusted: bool = False) -> dict:
