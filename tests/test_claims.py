@@ -111,3 +111,206 @@ def test_family_spread_is_measured_from_its_runs_and_named_under_the_table(tmp_p
     note = spread_note(["base", "fast", "other"], experiments, spreads, {"base", "base_s2"})
     assert "Rows with one run: fast, other." in note
     assert "`fam` 1.20 AP (base, base_s2)" in note and "`later` not measured yet" in note
+
+
+# -- max_ratio: Sparse DETR's "-38 % GFLOPs" and Lite DETR's encoder cuts ---------------------
+def test_max_ratio_holds_at_or_below_the_ratio_and_fails_above():
+    """ratio = reproduced[row] / reproduced[vs]; 1.24 / 2.0 is exactly 0.62 in binary, so the
+    boundary case catches `<` for `<=`, and 1.30 / 2.0 = 0.65 (-35 %) must be a "no"."""
+    row = {"claims": [{"metric": "gflops_total", "max_ratio": 0.62, "vs": "base"}]}
+    rep = {"base": {"gflops_total": 2.0}, "cut": {"gflops_total": 1.0}}
+    assert judge(row, "gflops_total", None, rep, "cut") == "yes (-50.0% vs base, needed <= -38%)"
+    rep["cut"]["gflops_total"] = 1.24
+    assert judge(row, "gflops_total", None, rep, "cut") == "yes (-38.0% vs base, needed <= -38%)"
+    rep["cut"]["gflops_total"] = 1.30
+    assert judge(row, "gflops_total", None, rep, "cut") == "no (-35.0% vs base, needed <= -38%)"
+    rep["cut"]["gflops_total"] = 3.0  # costlier than the base: the claim fails, it does not flip
+    assert judge(row, "gflops_total", None, rep, "cut") == "no (+50.0% vs base, needed <= -38%)"
+    assert judge(row, "AP", None, rep, "cut") == "—"  # a claim on gflops_total only
+    assert judge(row, "gflops_total", None, {"cut": {"gflops_total": 1.0}}, "cut") == "not run (base)"
+    assert judge(row, "gflops_total", None, {"base": {"gflops_total": 2.0}}, "cut") == "not run"
+
+
+def test_shipped_max_ratio_claims_of_sparse_and_lite_detr():
+    """The shipped rows, judged on hand numbers: Sparse DETR rho=0.1 vs top-k Deformable DETR
+    (total GFLOPs, <= 0.62) and Lite H3L1-(2+1)x3 vs the 6-layer encoder (encoder GFLOPs,
+    <= 0.53, the paper's 39/90 + 0.10)."""
+    from effdetr.reporting.paper import load_paper_tables
+    specs = load_paper_tables()
+    sparse = specs["sparse_main"]["rows"]["sparse_detr_rho0p1"]
+    rep = {"deformable_detr_topk": {"gflops_total": 0.25}, "sparse_detr_rho0p1": {"gflops_total": 0.15}}
+    assert judge(sparse, "gflops_total", 105.4, rep, "sparse_detr_rho0p1") == \
+        "yes (-40.0% vs deformable_detr_topk, needed <= -38%)"
+    rep["sparse_detr_rho0p1"]["gflops_total"] = 0.2  # -20 %: not the paper's order of cut
+    assert judge(sparse, "gflops_total", 105.4, rep, "sparse_detr_rho0p1") == \
+        "no (-20.0% vs deformable_detr_topk, needed <= -38%)"
+    lite = specs["lite_stacking"]["rows"]["lite_h3l1_2x3"]
+    rep = {"deformable_detr_topk_enc6": {"gflops_encoder": 0.1}, "lite_h3l1_2x3": {"gflops_encoder": 0.05}}
+    assert judge(lite, "gflops_encoder", 39, rep, "lite_h3l1_2x3") == \
+        "yes (-50.0% vs deformable_detr_topk_enc6, needed <= -47%)"
+    rep["lite_h3l1_2x3"]["gflops_encoder"] = 0.06
+    assert judge(lite, "gflops_encoder", 39, rep, "lite_h3l1_2x3") == \
+        "no (-40.0% vs deformable_detr_topk_enc6, needed <= -47%)"
+
+
+# -- malformed claims are errors, never a silent "—" ----------------------------------------
+def test_unknown_claim_kind_is_an_error_naming_the_claim():
+    """A typo'd kind used to be skipped, leaving "—" where a verdict belongs. It is an error
+    whatever metric is judged (the typo hides which metric it meant), and whether or not the
+    row has run."""
+    import pytest
+    rep = {"base": {"AP": 10.0}, "r": {"AP": 9.0}}
+    for claim in ({"metric": "AP", "hihger": "base"}, {"metric": "AP"}, "refrence",
+                  {"metric": "AP", "higher": "base", "lower": "base"}):
+        for metric, reproduced in (("AP", rep), ("APs", rep), ("AP", {})):
+            with pytest.raises(ValueError, match="claim") as e:
+                judge({"claims": [claim]}, metric, None, reproduced, "r", where="x.yaml: tables.t.rows.r")
+            assert str(e.value).startswith("x.yaml: tables.t.rows.r.claims[0]: ")
+    with pytest.raises(ValueError, match=r"max_drop needs `vs`"):
+        judge({"claim": {"metric": "AP", "max_drop": 1.0}}, "AP", None, rep, "r")
+
+
+def test_tolerance_claim_on_a_metric_without_a_paper_number_is_an_error():
+    """{metric: m, rel_tol} compares with the paper's m: a row without it (or with 0, for a
+    relative tolerance) used to render "—". Without `metric`, the claim covers the metrics
+    that have a paper number, and the others legitimately carry no claim."""
+    import pytest
+    for claim, paper in (({"metric": "gflops", "rel_tol": 0.1}, None), ({"metric": "gflops", "rel_tol": 0.1}, 0),
+                         ({"metric": "AP", "abs_tol": 0.2}, None)):
+        metric = claim["metric"]
+        for reproduced in ({"r": {metric: 5.0}}, {}):  # an error before and after the row has run
+            with pytest.raises(ValueError, match=f"paper's {metric}") as e:
+                judge({"claims": [claim]}, metric, paper, reproduced, "r", where="f.yaml: tables.t.rows.r")
+            assert str(e.value).startswith("f.yaml: tables.t.rows.r.claims[0]: ")
+    every = {"gflops": 100.0, "claim": {"rel_tol": 0.1}}
+    assert judge(every, "gflops", 100.0, {"r": {"gflops": 109.0, "gflops_encoder": 5.0}}, "r") == \
+        "yes (+9.0%, tolerance ±10%)"
+    assert judge(every, "gflops_encoder", None, {"r": {"gflops": 109.0, "gflops_encoder": 5.0}}, "r") == "—"
+
+
+def test_table_rows_name_the_paper_yaml_file_of_a_malformed_claim():
+    import pytest
+    spec = {"source": "sparse_detr.yaml", "table": "sparse_main", "metrics": ["AP"],
+            "rows": {"r": {"label": "R", "claims": [{"metric": "AP", "max_ratoi": 0.62, "vs": "r"}]}}}
+    with pytest.raises(ValueError, match=r"^sparse_detr\.yaml: tables\.sparse_main\.rows\.r\.claims\[0\]: .*max_ratoi"):
+        table_rows(spec, {"r": {"AP": 1.0}})
+
+
+# -- the paper YAMLs' schema ------------------------------------------------------------------
+PAPER_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "src/effdetr/reporting/paper"
+SHIPPED_TABLES = {"act_main", "act_kmeans", "act_speed", "flops", "released", "detrdistill_main",
+                  "detrdistill_ablation", "lite_tokens", "lite_main", "lite_ablation", "lite_stacking",
+                  "lite_flops", "sparse_main", "sparse_ablation", "sparse_flops"}
+
+
+def test_every_shipped_paper_yaml_passes_the_schema():
+    import yaml
+
+    from effdetr.reporting.paper import check_paper_doc, load_paper_tables
+    files = sorted(PAPER_DIR.glob("*.yaml"))
+    assert [f.name for f in files] == ["act.yaml", "detr.yaml", "detrdistill.yaml", "lite_detr.yaml",
+                                       "sparse_detr.yaml"]
+    for f in files:
+        check_paper_doc(yaml.safe_load(f.read_text()), f)
+    specs = load_paper_tables()
+    assert set(specs) == SHIPPED_TABLES
+    assert specs["sparse_main"]["source"] == "sparse_detr.yaml" and specs["sparse_main"]["table"] == "sparse_main"
+
+
+def _set(doc, path, value):
+    *parents, last = path
+    node = doc
+    for p in parents:
+        node = node[p]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+
+
+_DELETE = object()
+SM, SF = ["tables", "sparse_main"], ["tables", "sparse_flops"]
+RHO = SM + ["rows", "sparse_detr_rho0p1"]
+BROKEN = {  # what is broken -> (where in sparse_detr.yaml, new value, the key the error must name)
+    "unknown claim kind": (RHO + ["claims", 2], {"metric": "gflops_total", "max_ratoi": 0.62, "vs": "deformable_detr_topk"},
+                           "tables.sparse_main.rows.sparse_detr_rho0p1.claims[2].max_ratoi"),
+    "claim without a kind": (RHO + ["claims", 1], {"metric": "AP"}, "tables.sparse_main.rows.sparse_detr_rho0p1.claims[1]"),
+    "unknown claim metric": (RHO + ["claims", 0, "metric"], "APP", "tables.sparse_main.rows.sparse_detr_rho0p1.claims[0].metric"),
+    "rel_tol without a paper number": (SF + ["rows", "deformable_detr_r50", "claim"], {"metric": "gflops_encoder", "rel_tol": 0.1},
+                                       "tables.sparse_flops.rows.deformable_detr_r50.claim.rel_tol"),
+    "vs not a row": (RHO + ["claims", 0, "vs"], "deformable_detr_tpok", "tables.sparse_main.rows.sparse_detr_rho0p1.claims[0].vs"),
+    "max_ratio without vs": (RHO + ["claims", 2], {"metric": "gflops_total", "max_ratio": 0.62},
+                             "tables.sparse_main.rows.sparse_detr_rho0p1.claims[2]"),
+    "compared with itself": (RHO + ["claims", 1, "higher"], "sparse_detr_rho0p1",
+                             "tables.sparse_main.rows.sparse_detr_rho0p1.claims[1].higher"),
+    "paper number as text": (SM + ["rows", "deformable_detr", "AP"], "43.9", "tables.sparse_main.rows.deformable_detr.AP"),
+    "metric typo in a row": (SM + ["rows", "deformable_detr", "AP_50"], 62.8, "tables.sparse_main.rows.deformable_detr.AP_50"),
+    "missing title": (SM + ["title"], _DELETE, "tables.sparse_main.title"),
+    "unknown table key": (SM + ["metric"], ["AP"], "tables.sparse_main.metric"),
+    "figure axis not a metric": (SM + ["figure", "y"], "APP", "tables.sparse_main.figure.y"),
+    "unknown table kind": (SF + ["kind"], "flop", "tables.sparse_flops.kind"),
+    "no citation": (["paper"], _DELETE, "paper"),
+}
+
+
+def test_a_broken_paper_yaml_fails_naming_its_file_and_key(tmp_path):
+    """Each break made in a copy of the shipped sparse_detr.yaml, loaded from that copy's folder
+    (as the report loads the package's): PaperSpecError names the file and the key path."""
+    import copy
+
+    import pytest
+    import yaml
+
+    from effdetr.reporting.paper import PaperSpecError, load_paper_tables
+    good = yaml.safe_load((PAPER_DIR / "sparse_detr.yaml").read_text())
+    for what, (path, value, key) in BROKEN.items():
+        folder = tmp_path / what.replace(" ", "_")
+        folder.mkdir()
+        doc = copy.deepcopy(good)
+        _set(doc, path, value)
+        (folder / "sparse_detr.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        with pytest.raises(PaperSpecError) as e:
+            load_paper_tables(folder)
+        assert (e.value.file, e.value.key) == (str(folder / "sparse_detr.yaml"), key), what
+        assert str(e.value).startswith(f"{folder / 'sparse_detr.yaml'}: {key}: "), what
+    (tmp_path / "sparse_detr.yaml").write_text(yaml.safe_dump(good))  # the unbroken copy loads
+    assert set(load_paper_tables(tmp_path)) == {"sparse_main", "sparse_ablation", "sparse_flops"}
+
+
+def test_a_table_id_defined_twice_and_bad_yaml_are_errors(tmp_path):
+    import pytest
+    import yaml
+
+    from effdetr.reporting.paper import PaperSpecError, load_paper_tables
+    doc = yaml.safe_load((PAPER_DIR / "sparse_detr.yaml").read_text())
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(doc))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"paper": "copy", "tables": {"sparse_flops": doc["tables"]["sparse_flops"]}}))
+    with pytest.raises(PaperSpecError, match=r"b\.yaml: tables\.sparse_flops: table id also defined in .*a\.yaml"):
+        load_paper_tables(tmp_path)
+    (tmp_path / "b.yaml").write_text("paper: x\ntables: {t: [\n")
+    with pytest.raises(PaperSpecError, match=r"b\.yaml: <yaml>: not valid YAML"):
+        load_paper_tables(tmp_path)
+
+
+def test_the_report_checks_the_paper_yamls_before_writing(tmp_path, monkeypatch):
+    """build_reports loads the package's paper YAMLs through the schema: a broken one stops the
+    report with the file and key (here the package folder is pointed at a broken copy)."""
+    import shutil
+
+    import pytest
+    import yaml
+
+    from effdetr import config as C
+    from effdetr.reporting import paper
+    from effdetr.reporting.tables import build_reports
+    from tests.conftest import TINY
+    broken = tmp_path / "paper"
+    shutil.copytree(PAPER_DIR, broken, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    doc = yaml.safe_load((broken / "act.yaml").read_text())
+    doc["tables"]["act_main"]["rows"]["act_L32"]["claims"][0]["metric"] = "Ap"
+    (broken / "act.yaml").write_text(yaml.safe_dump(doc))
+    params, raw = C.load_params(TINY)
+    monkeypatch.setattr(paper.resources, "files", lambda name: broken)
+    with pytest.raises(paper.PaperSpecError, match=r"act\.yaml: tables\.act_main\.rows\.act_L32\.claims\[0\]\.metric"):
+        build_reports(params, raw, tmp_path / "metrics", tmp_path / "out", "hash", None)
+    assert not (tmp_path / "out" / "tables" / "act_main.md").exists()

@@ -44,10 +44,27 @@ def test_every_stage_runs_one_effdetr_command_and_reads_params():
         assert st.params_keys and st.all_outputs()
 
 
-def test_params_json_is_exactly_the_keys_read():
-    raw = stages.load_raw(str(REPO / "params.yaml"))
+def synth_copy(tmp_path, edit=None) -> str:
+    """The repo's params.yaml copied with `profile: synth` (whatever profile the user's file is
+    switched to), optionally edited; returns its path."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["profile"] = "synth"
+    if edit:
+        edit(raw)
+    path = tmp_path / "params_synth.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def synth_stages(tmp_path, edit=None) -> dict[str, stages.Stage]:
+    return {st.name: st for st in stages.build_stages(stages.load_raw(synth_copy(tmp_path, edit)))}
+
+
+def test_params_json_is_exactly_the_keys_read(tmp_path):
+    params = synth_copy(tmp_path)
+    raw = stages.load_raw(params)
     by_name = {s.name: s for s in stages.build_stages(raw)}
-    fresh = stages.load_raw(str(REPO / "params.yaml"))
+    fresh = stages.load_raw(params)
     train_before, eval_before = by_name["train_detr_dc5"].params_json(raw), by_name["eval_detr_dc5"].params_json(raw)
     raw["profiles"]["synth"]["eval"]["batch_size"] += 1  # eval-only knob
     assert by_name["train_detr_dc5"].params_json(raw) == train_before
@@ -68,14 +85,15 @@ def test_snakefmt_clean():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_experiment_threads_reach_its_train_and_eval_stages():
+def test_experiment_threads_reach_its_train_and_eval_stages(tmp_path):
     """train.threads (e.g. 1 for Deformable DETR on the CPU) sets the Snakemake job size, so
     single-thread jobs run side by side; experiments without it take all cores."""
-    raw = stages.load_raw(str(REPO / "params.yaml"))
-    by_name = {st.name: st for st in stages.build_stages(raw)}
+    params = synth_copy(tmp_path)
+    by_name = {st.name: st for st in stages.build_stages(stages.load_raw(params))}
     assert by_name["train_sparse_detr_rho0p1"].threads == 1 and by_name["eval_sparse_detr_rho0p1"].threads == 1
     assert by_name["train_detr_dc5"].threads is None and by_name["train_detr_dc5"].heavy
-    r = snakemake("-n", "--forceall", "--cores", "2", "train_sparse_detr_rho0p1", "train_detr_dc5")
+    r = snakemake("-n", "--forceall", "--cores", "2", "train_sparse_detr_rho0p1", "train_detr_dc5",
+                  "--config", f"params={params}")
     assert r.returncode == 0, r.stderr
     blocks = {b.split(":", 1)[0]: b for b in r.stdout.split("rule ")[1:]}
     assert "threads: 2" in blocks["train_detr_dc5"]  # Snakemake prints threads only above 1
@@ -188,3 +206,81 @@ def test_a_killed_job_reruns_instead_of_blocking_the_dag(workdir):
     r = snakemake("-n", "--cores", "1", "all", cwd=workdir)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "train_detr_dc5" in set(re.findall(r"^rule (\w+):", r.stdout, flags=re.M))
+
+
+# -- what the DAG means: each stage waits for the files its command reads --------------------
+CKPT = "data/checkpoints/{}.pt"
+WEIGHT_FLAGS = ("--init", "--teacher", "--checkpoint", "--backbone")
+
+
+def producers(by_name: dict) -> dict[str, str]:
+    return {out: st.name for st in by_name.values() for out in st.all_outputs()}
+
+
+def test_every_checkpoint_a_command_reads_is_a_dep_made_by_another_stage(tmp_path):
+    """--init / --teacher / --checkpoint / --backbone: the file is in the stage's deps (or the
+    stage could start before it exists, or not rerun when it changes) and another stage makes it."""
+    by_name = synth_stages(tmp_path)
+    made_by = producers(by_name)
+    checked = 0
+    for st in by_name.values():
+        for flag, value in zip(st.cmd, st.cmd[1:]):
+            if flag in WEIGHT_FLAGS:
+                assert value in st.deps, f"{st.name}: reads {value} ({flag}) but does not depend on it"
+                assert made_by.get(value) not in (None, st.name), f"{st.name}: no other stage makes {value}"
+                checked += 1
+    assert checked > 40  # every train stage (backbone or init/teacher) and every eval stage
+
+
+def test_mtkd_training_depends_on_the_teachers_checkpoint(tmp_path):
+    """ACT+MTKD fine-tunes from detr_dc5 and distils from its teacher: with the shipped params
+    both are detr_dc5, so a copy with another teacher (its second seed) tells them apart."""
+    by_name = synth_stages(tmp_path)
+    for L in (32, 24, 20, 16):
+        st = by_name[f"train_act_mtkd_L{L}"]
+        assert CKPT.format("detr_dc5") in st.deps and "--teacher" in st.cmd
+        assert st.cmd[st.cmd.index("--teacher") + 1] == CKPT.format("detr_dc5")
+    assert producers(by_name)[CKPT.format("detr_dc5")] == "train_detr_dc5"
+    student = by_name["train_deformable_student_detrdistill"]  # a DETRDistill student, no init
+    assert CKPT.format("deformable_detr_topk_enc6") in student.deps
+
+    def other_teacher(raw):
+        raw["experiments"]["act_mtkd"]["distill"]["teacher"] = "detr_dc5_seed43"
+    by_name = synth_stages(tmp_path, other_teacher)
+    for L in (32, 24, 20, 16):
+        st = by_name[f"train_act_mtkd_L{L}"]
+        assert {CKPT.format("detr_dc5"), CKPT.format("detr_dc5_seed43")} <= set(st.deps), st.deps
+        assert st.cmd[st.cmd.index("--teacher") + 1] == CKPT.format("detr_dc5_seed43")
+        assert st.cmd[st.cmd.index("--init") + 1] == CKPT.format("detr_dc5")
+    assert producers(by_name)[CKPT.format("detr_dc5_seed43")] == "train_detr_dc5_seed43"
+
+
+def test_eval_only_act_rows_depend_on_their_init_checkpoint(tmp_path):
+    """ACT and K-means rows evaluate detr_dc5's weights with swapped kernels (no training of
+    their own): their eval reads, and waits for, data/checkpoints/detr_dc5.pt; so does speed."""
+    by_name = synth_stages(tmp_path)
+    rows = [f"act_L{L}" for L in (32, 24, 20, 16)] + [f"act_kmeans_L{L}" for L in (32, 24, 20, 16)] \
+        + ["act_L32_hashseed100"]
+    for name in rows:
+        assert f"train_{name}" not in by_name
+        st = by_name[f"eval_{name}"]
+        assert st.cmd[st.cmd.index("--checkpoint") + 1] == CKPT.format("detr_dc5")
+        assert CKPT.format("detr_dc5") in st.deps, name
+    assert CKPT.format("detr_dc5") in by_name["speed"].deps
+    assert producers(by_name)[CKPT.format("detr_dc5")] == "train_detr_dc5"
+
+
+def test_report_depends_on_every_metrics_file_it_reads(tmp_path):
+    """Each experiment's train/eval JSON, flops.json and speed.json is a report dep, so a rerun
+    of any of them rebuilds the tables. (The backbone's pretrain.json is not read by the
+    report; a new backbone reruns the trainings, whose metrics are deps.)"""
+    by_name = synth_stages(tmp_path)
+    report = set(by_name["report"].deps)
+    metrics = {m for st in by_name.values() if st.name != "report" for m in st.metrics}
+    assert metrics - report == {"reports/metrics/backbone/pretrain.json"}
+    for m in ("reports/metrics/act_L16/eval.json", "reports/metrics/act_mtkd_L16/train.json",
+              "reports/metrics/detr_student_detrdistill_seed43/eval.json", "reports/metrics/flops.json",
+              "reports/metrics/speed.json"):
+        assert m in report, m
+    evals = {st.name.removeprefix("eval_") for st in by_name.values() if st.name.startswith("eval_")}
+    assert {f"reports/metrics/{n}/eval.json" for n in evals} <= report and len(evals) > 40

@@ -42,7 +42,7 @@ def edit_annotation(root, split="train"):
 
 def test_manifest_lies_beside_the_root_and_moves_only_on_an_edit(synth):
     from effdetr.data.manifest import manifest_path, refresh
-    assert refresh("synth", synth) == ["first record (there was none)"]
+    assert refresh("synth", synth) == ["no manifest yet: first record"]
     path = manifest_path(synth)
     assert path.parent == synth.parent and path.name == "synthcoco.manifest.json"
     first, stamp = json.loads(path.read_text()), path.stat().st_mtime_ns

@@ -14,6 +14,18 @@ from tests.test_deformable import loss_cfg as focal_loss_cfg
 from tests.test_deformable import model_cfg as deformable_cfg
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny profile's ``threads: 1``, which the CLI applies and ``train()`` does not: on a
+    busy 2-core machine a second intra-op thread makes these tiny steps several times slower.
+    Module-scoped and autouse, so it is set before any module fixture trains (bitwise
+    comparisons need one thread count)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def distill_cfg(**parts):
     return C.build(C.DistillConfig, {"teacher": "t", "method": "detrdistill", "detrdistill": parts}, "test", "distill")
 
@@ -40,24 +52,52 @@ def pair(family, tiny_cfg):
     return teacher, build_model(s_cfg).train(), crit
 
 
-@pytest.mark.parametrize("family", ["detr", "deformable"])
-def test_every_part_trains_the_student_and_its_adapters_not_the_teacher(family, tiny_cfg):
+def distill_with_trainable_teacher(family, tiny_cfg, **parts):
+    """One forward of every part on a pair whose teacher is left trainable (requires_grad,
+    run with autograd on), then backward of the distillation total -> (teacher, student, distiller, losses)."""
     teacher, student, crit = pair(family, tiny_cfg)
-    distiller = build_distiller(distill_cfg(), teacher, student)
+    teacher.requires_grad_(True)
+    distiller = build_distiller(distill_cfg(**parts), teacher, student)
     images, mask, targets = batch()
-    with torch.no_grad():
-        t_out = teacher(images, mask)
-    s_out = student(images, mask)
+    t_out, s_out = teacher(images, mask), student(images, mask)
     losses = distiller(s_out, t_out, targets=targets, student=student, teacher=teacher, criterion=crit,
                        num_aux=len(s_out["aux_outputs"]))
+    distiller.total(losses).backward()
+    return teacher, student, distiller, losses
+
+
+def with_gradient(model):
+    return sorted(n for n, p in model.named_parameters() if p.grad is not None and p.grad.any())
+
+
+@pytest.mark.parametrize("family", ["detr", "deformable"])
+def test_every_part_trains_the_student_and_its_adapters(family, tiny_cfg):
+    _, student, distiller, losses = distill_with_trainable_teacher(family, tiny_cfg)
     stems = {re.sub(r"_\d+$", "", k) for k in losses}
     assert stems == {"loss_pid_class", "loss_pid_l1", "loss_pid_giou", "loss_pid_relation", "loss_feature",
                      "loss_taad"}
     assert all(torch.isfinite(v) and v >= 0 for v in losses.values()), losses
-    distiller.total(losses).backward()
-    assert all(p.grad is not None for p in distiller.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    assert student.query_embed.weight.grad is not None
+    assert with_gradient(distiller) == sorted(n for n, _ in distiller.named_parameters())
+    assert student.query_embed.weight.grad.any()
+
+
+@pytest.mark.parametrize("family", ["detr", "deformable"])
+def test_distillation_gives_a_trainable_teacher_no_gradient(family, tiny_cfg):
+    """The teacher is a fixed target: the distillation loss itself must not train it, even
+    when the caller forgets to freeze it or to run it under no_grad."""
+    teacher, _, _, _ = distill_with_trainable_teacher(family, tiny_cfg)
+    assert with_gradient(teacher) == []
+
+
+@pytest.mark.parametrize("family", ["detr", "deformable"])
+def test_teacher_assisted_assignment_gives_a_trainable_teacher_no_gradient(family, tiny_cfg):
+    """TAAD feeds the teacher's query embeddings through the student's decoder: they must enter
+    detached, or the student's set loss would move the teacher's queries."""
+    teacher, _, distiller, losses = distill_with_trainable_teacher(family, tiny_cfg, instance=0, relation=0,
+                                                                   feature=0)
+    assert set(losses) == {"loss_taad"}
+    assert with_gradient(teacher) == []
+    assert with_gradient(distiller) == ["taad.proj.bias", "taad.proj.weight"]  # it does train the projection
 
 
 @pytest.mark.parametrize("stages", ["per_stage", "final"])
@@ -179,28 +219,79 @@ def test_mismatched_pairs_fail_with_a_clear_message(tiny_cfg):
                   criterion=build_criterion(deformable_cfg(), focal_loss_cfg()))
 
 
-def test_distilled_training_leaves_the_student_architecture_and_flops_unchanged(tiny_cfg, tiny_data, tmp_path):
-    """Train a few steps with every part on (engine path, adapters in the optimizer); the
-    saved student is the baseline student's architecture with the baseline's FLOPs."""
-    from effdetr.engine.checkpoint import build_trained_model, save_atomic
-    from effdetr.engine.train import train
-    from effdetr.evaluation.flops import count_flops
+@pytest.fixture(scope="module")
+def distilled_run(tiny_cfg, tiny_data, tmp_path_factory):
+    """A few engine steps with every part on (adapters in the optimizer), keeping hold of the
+    in-memory teacher and student the engine trained with, and the student's initial weights."""
+    from effdetr.engine import train as engine
+    from effdetr.engine.checkpoint import save_atomic
+    tmp = tmp_path_factory.mktemp("distilled")
     backbone = dataclasses.replace(tiny_cfg.model.backbone, pretrained="none")
     t_model_cfg = dataclasses.replace(tiny_cfg.model, backbone=backbone)
     torch.manual_seed(0)
     save_atomic({"model": build_model(t_model_cfg).state_dict(), "model_config": dataclasses.asdict(t_model_cfg),
-                 "params_hash": "t", "epochs": 0}, tmp_path / "teacher.pt")
+                 "params_hash": "t", "epochs": 0}, tmp / "teacher.pt")
     s_model_cfg = dataclasses.replace(t_model_cfg, hidden_dim=16, ffn_dim=32, nheads=4)
     cfg = dataclasses.replace(tiny_cfg, model=s_model_cfg,
                               train=dataclasses.replace(tiny_cfg.train, epochs=1, max_iters_per_epoch=2))
-    result = train(cfg, str(tiny_data), str(tmp_path / "student.pt"), str(tmp_path / "work"), "h",
-                   teacher=str(tmp_path / "teacher.pt"), distill_cfg=distill_cfg())
-    assert {"train_loss_pid_class", "train_loss_feature", "train_loss_taad"} <= set(result["final"])
-    state = torch.load(tmp_path / "work" / "last.pt", weights_only=False)
+    seen = {}
+
+    def builder(model_cfg):
+        seen["student"] = build_model(model_cfg)
+        seen["initial"] = copy.deepcopy(seen["student"].state_dict())
+        return seen["student"]
+
+    def capture(dcfg, teacher, student):
+        seen["teacher"] = teacher
+        return build_distiller(dcfg, teacher, student)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "build_distiller", capture)
+        result = engine.train(cfg, str(tiny_data), str(tmp / "student.pt"), str(tmp / "work"), "h",
+                              model_builder=builder, teacher=str(tmp / "teacher.pt"), distill_cfg=distill_cfg())
+    assert seen["student"] is not seen["teacher"]
+    return {"tmp": tmp, "result": result, "s_model_cfg": s_model_cfg, **seen}
+
+
+def test_distilled_training_saves_only_the_trained_student(distilled_run):
+    """The model file is the student alone: exactly the keys and shapes of a student built
+    from its config (no adapter / TAAD projection leaks in), its own config (not the
+    teacher's), and the weights training ended with; the adapters live in the resumable state."""
+    run = distilled_run
+    assert {"train_loss_pid_class", "train_loss_feature", "train_loss_taad"} <= set(run["result"]["final"])
+    ckpt = torch.load(run["tmp"] / "student.pt", weights_only=True)
+    fresh = build_model(run["s_model_cfg"]).state_dict()
+    assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in fresh.items()}
+    assert ckpt["model_config"] == dataclasses.asdict(run["s_model_cfg"])
+    trained = run["student"].state_dict()
+    assert [k for k in trained if not torch.equal(ckpt["model"][k], trained[k])] == []
+    assert any(not torch.equal(trained[k], run["initial"][k]) for k in trained)  # it did train
+    state = torch.load(run["tmp"] / "work" / "last.pt", weights_only=False)
     assert set(state["distiller"]) == {"adapt.weight", "adapt.bias", "taad.proj.weight", "taad.proj.bias"}
-    student, _ = build_trained_model(tmp_path / "student.pt")
-    baseline = build_model(s_model_cfg)
-    assert set(student.state_dict()) == set(baseline.state_dict())
+
+
+def test_distillation_leaves_nothing_on_the_student_at_inference(distilled_run):
+    """FLOPs depend on code and config only, so counting two students built from one config
+    cannot fail; what distillation can break is the student object it trained with (a
+    feature hook, a swapped submodule). That in-memory student must count the FLOPs of a
+    student that never met a distiller, and give the outputs its saved file gives."""
+    from effdetr.engine.checkpoint import build_trained_model
+    from effdetr.evaluation.flops import count_flops
+    run = distilled_run
     images, mask = torch.randn(1, 3, 64, 80), torch.zeros(1, 64, 80, dtype=torch.bool)
-    assert count_flops(student, images, mask, student.flops_parts) == count_flops(baseline, images, mask,
+    trained, baseline = run["student"].eval(), build_model(run["s_model_cfg"])
+    assert count_flops(trained, images, mask, trained.flops_parts) == count_flops(baseline, images, mask,
                                                                                   baseline.flops_parts)
+    reloaded, _ = build_trained_model(run["tmp"] / "student.pt")
+    with torch.no_grad():
+        got, want = trained(images, mask), reloaded.eval()(images, mask)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_engine_never_trains_the_teacher(distilled_run):
+    """The engine's teacher (frozen and run under no_grad) ends the run with no gradient and
+    the weights of its file."""
+    teacher = distilled_run["teacher"]
+    assert with_gradient(teacher) == [] and all(p.grad is None for p in teacher.parameters())
+    saved = torch.load(distilled_run["tmp"] / "teacher.pt", weights_only=True)["model"]
+    assert [k for k, v in teacher.state_dict().items() if not torch.equal(v, saved[k])] == []

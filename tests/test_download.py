@@ -174,3 +174,114 @@ def test_repeated_failures_are_numbered_not_overwritten(server, tmp_path):
     Handler.files["/a.zip"] = data
     assert fetch(f"{server}/a.zip", tmp_path / "a.zip", arc).read_bytes() == data
     assert all(k.exists() for k in kept) and Handler.requests[-1][1] is None  # from byte 0
+
+
+def test_an_oversize_part_file_is_quarantined_before_any_request(server, tmp_path):
+    """A .part longer than the archive (e.g. another file's bytes under its name) cannot be
+    resumed: it is moved to .part.bad untouched, no request is sent, and the rerun downloads
+    from byte 0."""
+    data = make_zip({"a": b"k" * 3000})
+    arc = publish("/a.zip", data)
+    stale = b"s" * (len(data) + 7)
+    (tmp_path / "a.zip.part").write_bytes(stale)
+    with pytest.raises(DownloadError, match=f"partial file is {len(stale)} bytes, larger than the expected "
+                                            f"{len(data)}") as e:
+        fetch(f"{server}/a.zip", tmp_path / "a.zip", arc)
+    assert Handler.requests == []
+    assert (tmp_path / "a.zip.part.bad").read_bytes() == stale and not (tmp_path / "a.zip.part").exists()
+    assert f"moved to {tmp_path / 'a.zip.part.bad'}" in str(e.value)
+    assert fetch(f"{server}/a.zip", tmp_path / "a.zip", arc).read_bytes() == data
+    assert Handler.requests == [("/a.zip", None)]
+
+
+def crc_broken_zip() -> tuple[bytes, bytes]:
+    """A stored (uncompressed) zip whose member bytes are changed after writing: the central
+    directory is intact, only the member's CRC-32 no longer matches. Returns (good, broken)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("val2017/1.jpg", b"pixels" * 500)
+    good = buf.getvalue()
+    at = good.index(b"pixels" * 500) + 100
+    broken = good[:at] + b"X" + good[at + 1:]
+    return good, broken
+
+
+def test_a_zip_crc_failure_is_quarantined_even_when_the_md5_matches(server, tmp_path):
+    """The MD5 guards the transfer; the zip's CRCs guard what was published (an archive whose
+    listed checksum is of corrupt bytes). testzip's failure moves it to .part.bad, names the
+    member, and nothing is extracted."""
+    good, broken = crc_broken_zip()
+    assert len(good) == len(broken) and zipfile.ZipFile(io.BytesIO(broken)).namelist() == ["val2017/1.jpg"]
+    arc = publish("/val2017.zip", broken)  # size and MD5 of the broken bytes: both checks pass
+    with pytest.raises(DownloadError, match="zip member val2017/1.jpg fails its CRC check"):
+        fetch(f"{server}/val2017.zip", tmp_path / "zips" / "val2017.zip", arc)
+    assert (tmp_path / "zips" / "val2017.zip.part.bad").read_bytes() == broken
+    assert not (tmp_path / "zips" / "val2017.zip").exists()
+    with pytest.raises(DownloadError, match="CRC"):  # through prepare_coco: nothing reaches the root
+        prepare_coco(Cfg(server, ["val2017"]), tmp_path / "coco", archives={"val2017": arc})
+    assert sorted(p.name for p in (tmp_path / "coco").iterdir()) == ["zips"]
+
+
+def two_part_zip(tmp_path):
+    members = {"val2017/1.jpg": b"one" * 100, "val2017/2.jpg": b"two" * 100,
+               "annotations/instances_val2017.json": b'{"images": []}'}
+    path = tmp_path / "val2017.zip"
+    path.write_bytes(make_zip(members))
+    return path, members
+
+
+def test_extraction_killed_while_unpacking_is_redone_cleanly(tmp_path):
+    """A kill during extractall leaves .extract-<stem>/ with a truncated file and no marker;
+    the rerun throws that folder away and unpacks again: every file whole, nothing stray, and
+    annotations/ (already there from the other archive) merged, its file kept."""
+    zip_path, members = two_part_zip(tmp_path)
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "instances_train2017.json").write_bytes(b"from the other archive")
+    tmp = root / ".extract-val2017"
+    (tmp / "val2017").mkdir(parents=True)
+    (tmp / "val2017" / "1.jpg").write_bytes(b"on")  # cut short
+    (tmp / "val2017" / "junk.tmp").write_bytes(b"?")  # not in the archive
+    extract(zip_path, root)
+    assert not tmp.exists() and (root / ".val2017.extracted").exists()
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == \
+        [".val2017.extracted", "annotations/instances_train2017.json", "annotations/instances_val2017.json",
+         "val2017/1.jpg", "val2017/2.jpg"]
+    for name, data in members.items():
+        assert (root / name).read_bytes() == data, name
+    assert (root / "annotations" / "instances_train2017.json").read_bytes() == b"from the other archive"
+
+
+def test_extraction_killed_between_the_renames_is_completed_by_a_rerun(tmp_path, monkeypatch):
+    """A kill after the first top-level entry was moved into place: annotations/ (or val2017/)
+    is there, the other still in the temp folder, no marker. The rerun completes the layout
+    and writes the marker; the entry already in place is kept (merged), not duplicated."""
+    import os
+
+    import effdetr.data.download as dl
+    zip_path, members = two_part_zip(tmp_path)
+    root = tmp_path / "coco"
+    root.mkdir()
+    real_replace, calls = os.replace, []
+
+    class Killed(BaseException):
+        """The process dies here (a BaseException, as KeyboardInterrupt: no handler catches it)."""
+
+    def killed_after_one(src, dst):
+        if calls:
+            raise Killed(dst)
+        calls.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(dl.os, "replace", killed_after_one)
+    with pytest.raises(Killed):
+        extract(zip_path, root)
+    monkeypatch.setattr(dl.os, "replace", real_replace)
+    moved = {p.name for p in root.iterdir()} - {".extract-val2017"}
+    assert len(moved) == 1 and not (root / ".val2017.extracted").exists()  # half done
+    extract(zip_path, root)
+    assert (root / ".val2017.extracted").exists() and not (root / ".extract-val2017").exists()
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == \
+        [".val2017.extracted", "annotations/instances_val2017.json", "val2017/1.jpg", "val2017/2.jpg"]
+    for name, data in members.items():
+        assert (root / name).read_bytes() == data, name

@@ -21,10 +21,31 @@ def bilinear(vmap, x, y):
     return out
 
 
+def hand_locations(attn: KeyAwareDeformAttn, query, ref):
+    """Deformable DETR's sampling locations, element by element and independently of
+    ``attn.locations``: location (m, l, k) = reference point + offset / (W_l, H_l), where
+    the offset's coordinate c (0 = x, 1 = y) is output ((m*L + l)*K + k)*2 + c of the
+    ``sampling_offsets`` linear (the official [.., n_heads, n_levels, n_points, 2] view)."""
+    b, q, _ = query.shape
+    m, nl, k = attn.heads, attn.levels, attn.points
+    weight, bias = attn.sampling_offsets.weight.double(), attn.sampling_offsets.bias.double()
+    loc = torch.zeros(b, q, m, nl, k, 2, dtype=torch.float64)
+    for bi in range(b):
+        for qi in range(q):
+            for mi in range(m):
+                for li, (h, w) in enumerate(SHAPES):
+                    for pi in range(k):
+                        for c, extent in ((0, w), (1, h)):
+                            row = ((mi * nl + li) * k + pi) * 2 + c
+                            offset = float(weight[row] @ query[bi, qi].double() + bias[row])
+                            loc[bi, qi, mi, li, pi, c] = float(ref[bi, qi, li, c]) + offset / extent
+    return loc
+
+
 def kda_loop(attn: KeyAwareDeformAttn, query, ref, values_in):
     b, q, _ = query.shape
     m, d = attn.heads, attn.dim // attn.heads
-    loc = attn.locations(query, ref, SHAPES)
+    loc = hand_locations(attn, query, ref)
     v = attn.value_proj(values_in).view(b, -1, m, d)
     k = v if attn.key_proj is None else attn.key_proj(values_in).view(b, -1, m, d)
     qp = attn.query_proj(query).view(b, q, m, d)
@@ -57,6 +78,9 @@ def setup(proj_key, seed=0):
 
 
 def test_kda_matches_a_per_query_loop_with_and_without_key_projection():
+    """KDA against a loop that samples keys and values bilinearly at hand-computed
+    Deformable DETR locations and softmaxes q.k/sqrt(d) over the L*K samples. Catches a wrong
+    offset normaliser ((H, W) for (W, H)), offset layout, score scale or key/value mix-up."""
     for proj_key in (False, True):
         attn, query, ref, values = setup(proj_key)
         with torch.no_grad():

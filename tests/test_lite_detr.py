@@ -4,7 +4,7 @@ import torch
 
 from effdetr.evaluation.flops import count_flops
 from effdetr.models import build_model
-from effdetr.models.deformable_transformer import DeformableEncoderLayer, token_centres, valid_ratios
+from effdetr.models.deformable_transformer import DeformableEncoderLayer, valid_ratios
 from effdetr.models.lite_detr import InterleavedEncoder
 from tests.test_deformable import model_cfg
 
@@ -17,24 +17,61 @@ def encoder(h, b, a, key_aware=False, seed=0, low_update="joint", low_ffn_dim=No
     return InterleavedEncoder(layer, 4, h, b, a, low_update, low_ffn_dim)
 
 
+# (rows, cols) of unpadded cells per level: image 0 fills its maps, image 1 is padded on
+# the right and at the bottom, with different width and height fractions on each level
+VALID = [[(6, 8), (3, 4), (2, 2), (1, 1)],
+         [(4, 6), (2, 3), (1, 2), (1, 1)]]
+# the same as valid (width, height) fractions, written out
+RATIOS = torch.tensor([[[1.0, 1.0]] * 4,
+                       [[6 / 8, 4 / 6], [3 / 4, 2 / 3], [2 / 2, 1 / 2], [1.0, 1.0]]])
+
+
 def inputs():
     g = torch.Generator().manual_seed(1)
     s = sum(h * w for h, w in SHAPES)
     src, pos = torch.randn(2, s, 16, generator=g), torch.randn(2, s, 16, generator=g)
-    padding = torch.zeros(2, s, dtype=torch.bool)
-    ratios = valid_ratios([torch.zeros(2, h, w, dtype=torch.bool) for h, w in SHAPES])
-    return src, pos, padding, ratios
+    masks = []
+    for lvl, (h, w) in enumerate(SHAPES):
+        m = torch.ones(2, h, w, dtype=torch.bool)
+        for b, valid in enumerate(VALID):
+            rows, cols = valid[lvl]
+            m[b, :rows, :cols] = False
+        masks.append(m)
+    padding = torch.cat([m.flatten(1) for m in masks], 1)
+    torch.testing.assert_close(valid_ratios(masks), RATIOS)
+    return src, pos, padding, RATIOS.clone()
 
 
-def reference(enc, src, pos, padding, ratios, high_levels, blocks, high_updates, low_update):
-    """Written from the description: per block, the high-level (coarsest H levels) tokens are
+def hand_reference_points():
+    """Deformable DETR's encoder reference points, by hand (independent of ``token_centres``):
+    token (i, j) of level l in image b sits at x = (j + 0.5) / cols_l, y = (i + 0.5) / rows_l
+    of the image's unpadded extent, and on level l' at (x * cols_l' / W_l', y * rows_l' / H_l')
+    (the official ``reference_points * valid_ratios``) -> [B, S, L, 2]."""
+    s = sum(h * w for h, w in SHAPES)
+    out = torch.zeros(2, s, len(SHAPES), 2)
+    for b, valid in enumerate(VALID):
+        t = 0
+        for lvl, (h, w) in enumerate(SHAPES):
+            rows, cols = valid[lvl]
+            for i in range(h):
+                for j in range(w):
+                    x, y = (j + 0.5) / cols, (i + 0.5) / rows
+                    for l2, (h2, w2) in enumerate(SHAPES):
+                        rows2, cols2 = valid[l2]
+                        out[b, t, l2, 0], out[b, t, l2, 1] = x * cols2 / w2, y * rows2 / h2
+                    t += 1
+    return out
+
+
+def reference(enc, src, pos, padding, high_levels, blocks, high_updates, low_update):
+    """Written from the description, with hand-computed reference points on padded maps: per block, the high-level (coarsest H levels) tokens are
     queries A times and the low-level ones once -- jointly with the A-th high-level update
     ("joint") or in a layer of their own after it ("separate"); every query: attention over
     the current map, residual + norm, then its FFN (low-level queries: the low-level FFN if
     the encoder has one), residual + norm."""
     n_low = sum(h * w for h, w in SHAPES[: len(SHAPES) - high_levels])
     high, low = list(range(n_low, src.shape[1])), list(range(n_low))
-    refs = token_centres(SHAPES, ratios)[:, :, None] * ratios[:, None]
+    refs = hand_reference_points()
     if low_update == "joint":
         order = ([high] * (high_updates - 1) + [low + high]) * blocks
     else:
@@ -60,12 +97,15 @@ def reference(enc, src, pos, padding, ratios, high_levels, blocks, high_updates,
     (1, 1, 2, False, "joint", None), (3, 2, 3, False, "joint", 8), (2, 3, 2, True, "joint", 8),
     (1, 1, 2, False, "separate", None), (3, 2, 1, False, "separate", 8), (2, 3, 2, True, "separate", None)])
 def test_interleaved_encoder_matches_the_update_order(h, b, a, kda, mode, low_ffn):
+    """The encoder against the loop over its documented update order, on a batch with one
+    padded image. Catches a wrong update order or FFN choice, and (the loop's reference points
+    are computed by hand) wrong reference points: (W, H) ratios swapped, ratios not applied."""
     enc = encoder(h, b, a, kda, low_update=mode, low_ffn_dim=low_ffn)
     assert len(enc.layers) == (a * b if mode == "joint" else b * (a + 1))
     assert len(enc.low_ffns) == (b if low_ffn else 0)
     src, pos, padding, ratios = inputs()
     got = enc(src, pos, SHAPES, padding, ratios)
-    torch.testing.assert_close(got, reference(enc, src, pos, padding, ratios, h, b, a, mode))
+    torch.testing.assert_close(got, reference(enc, src, pos, padding, h, b, a, mode))
 
 
 def test_only_high_level_tokens_change_when_the_low_update_is_skipped():

@@ -129,8 +129,23 @@ def _client():
     db = _sqlite_path(uri)
     if db is not None:
         _ensure_schema(db, uri)
+    elif uri.startswith(("http://", "https://")):
+        # mlflow's own default (7 retries, doubling back-off, 120 s timeout) would hold each
+        # request to a server that is down for minutes; a user's explicit settings win
+        for var, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(var, value)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(uri)
+
+
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def _unreachable(e: Exception) -> bool:
+    """A server that refuses or drops connections (mlflow already retried the request)."""
+    text = str(e)
+    return isinstance(e, ConnectionError) or "Max retries exceeded" in text or "Connection refused" in text
 
 
 def _retry(fn, *args, attempts: int = 6, **kwargs):
@@ -140,8 +155,8 @@ def _retry(fn, *args, attempts: int = 6, **kwargs):
             return fn(*args, **kwargs)
         except (StoreBroken, OSError):
             raise  # a broken store or a full disk is no race: waiting cannot fix it
-        except Exception:  # noqa: BLE001 - store races (sqlite locks)
-            if i == attempts - 1:
+        except Exception as e:  # noqa: BLE001 - store races (sqlite locks)
+            if i == attempts - 1 or _unreachable(e):
                 raise
             time.sleep(delay)
             delay *= 2

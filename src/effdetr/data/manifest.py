@@ -179,7 +179,7 @@ def refresh(kind: str, root: str | Path) -> list[str]:
     if recorded == current:
         return []
     write_json(path, current)
-    return changes(recorded, current) if recorded else ["first record (there was none)"]
+    return changes(recorded, current) if recorded else ["no manifest yet: first record"]
 
 
 def refresh_if_present(kind: str, root: str | Path) -> list[str]:

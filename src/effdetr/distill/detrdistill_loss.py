@@ -13,6 +13,19 @@ from .detrdistill import (cosine_feature_mask, decoder_stages, feature_loss, fea
                           masked_mse, match_predictions, query_quality, relation_loss, topk_query_quality)
 from .taad import TeacherAssistedAssignment
 
+
+def detached(obj):
+    """The teacher's outputs as fixed targets: every tensor in nested dicts/lists/tuples
+    detached, so no distillation term can train the teacher, frozen or not."""
+    if isinstance(obj, Tensor):
+        return obj.detach()
+    if isinstance(obj, dict):
+        return {k: detached(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached(v) for v in obj)
+    return obj
+
+
 def _level_sizes(out: dict, tokens: int) -> list[int]:
     shapes = out.get("context", {}).get("shapes")
     return [h * w for h, w in shapes] if shapes else [tokens]
@@ -31,6 +44,7 @@ class DETRDistillLoss(nn.Module):
     def forward(self, student_out: dict, teacher_out: dict, *, targets: list[dict], student: nn.Module,
                 teacher: nn.Module, criterion: nn.Module, num_aux: int = 0, **_) -> dict[str, Tensor]:
         c, losses = self.cfg, {}
+        teacher_out = detached(teacher_out)
         if c.instance > 0 or c.relation > 0:
             s_stages, t_stages = decoder_stages(student_out), decoder_stages(teacher_out)
             t_stages = t_stages[len(t_stages) - len(s_stages):]  # deeper teacher: align the last stages

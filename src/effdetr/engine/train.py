@@ -234,8 +234,11 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
     for epoch in range(start_epoch, t.epochs):
         skip = start_iter * t.batch_size if epoch == start_epoch else 0
         sampler = EpochSampler(len(dataset), t.seed, epoch, skip)
+        # The loader's own generator: its iterator draws a base seed at creation, which from the
+        # global RNG would shift the dropout stream of a run resumed mid-epoch (not bitwise).
         loader = DataLoader(SeededSamples(dataset), batch_size=t.batch_size, sampler=sampler,
-                            num_workers=t.num_workers, collate_fn=collate, drop_last=False)
+                            num_workers=t.num_workers, collate_fn=collate, drop_last=False,
+                            generator=torch.Generator().manual_seed(t.seed * 100003 + epoch))
         model.train()
         t_epoch, seen = time.time(), 0
         it = start_iter if epoch == start_epoch else 0

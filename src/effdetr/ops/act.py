@@ -180,7 +180,7 @@ class KMeansAttentionKernel(ClusterKernel):
         _, target = group_rows(codes)
         labels = kmeans_labels(q.reshape(b * h, n, d), target, self.iters, self.seed)
         labels, counts = compact_labels(labels)
-        cmax = int(target.max())
+        # Lloyd's distances for each (image, head)'s own K, not the batch's padded largest K
         self._record(counts, b, h, n, k.shape[-2], d, v.shape[-1],
-                     extra=b * h * n * d * self.match.rounds + (self.iters + 1) * b * h * n * cmax * d)
+                     extra=b * h * n * d * self.match.rounds + (self.iters + 1) * n * d * int(target.sum()))
         return prototype_attention(q, k, v, labels, counts, key_padding_mask, dropout_p)

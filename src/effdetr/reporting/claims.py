@@ -20,6 +20,13 @@ A table row in ``reporting/paper/*.yaml`` lists its claims; each applies to one 
 over the family's repeated runs; see tables.seed_spreads). A relation between two rows
 (higher, lower, max_drop) whose deciding difference is within it reads "inconclusive":
 training noise alone moves a row that much.
+
+A claim is a mapping with exactly one of the kinds above (plus ``metric`` and, for
+``max_drop`` / ``max_ratio``, ``vs``); anything else is an error, never a silent "—". A
+tolerance claim (``rel_tol`` / ``abs_tol``) naming a metric needs the row's paper number for
+it (a nonzero one for ``rel_tol``); without ``metric`` it applies to each metric the row has
+a paper number for. The paper YAMLs are checked against this when loaded
+(``reporting.paper.check_paper_doc``).
 """
 from __future__ import annotations
 
@@ -37,10 +44,39 @@ def _num(x: float, sign: bool = False) -> str:
     return f"{x:+.2f}" if sign else f"{x:.2f}"
 
 
+TOLERANCES = ("rel_tol", "abs_tol")  # against the paper's own number
+RELATIONS = ("max_drop", "max_ratio", "higher", "lower", "equal", "beyond_spread")  # between reproduced rows
+KINDS = TOLERANCES + RELATIONS
+NEEDS_VS = ("max_drop", "max_ratio")  # the other relations name their row as the kind's value
+
+
 def row_claims(spec_row: dict) -> list:
     if "claims" in spec_row:
         return list(spec_row["claims"])
     return [spec_row["claim"]] if "claim" in spec_row else []
+
+
+def claim_keys(spec_row: dict) -> list[str]:
+    """Key path of each claim of a row (``claims[0]``, ... or ``claim``), for error messages."""
+    if "claims" in spec_row:
+        return [f"claims[{i}]" for i in range(len(spec_row["claims"]))]
+    return ["claim"] if "claim" in spec_row else []
+
+
+def claim_kind(claim, where: str) -> str:
+    """``"reference"`` or the one kind of a claim mapping; ValueError naming ``where`` otherwise."""
+    if claim == "reference":
+        return "reference"
+    if not isinstance(claim, dict):
+        raise ValueError(f"{where}: claim {claim!r} is neither 'reference' nor a mapping with one of: "
+                         f"{', '.join(KINDS)}")
+    kinds = [k for k in KINDS if k in claim]
+    unknown = sorted(set(claim) - set(KINDS) - {"metric", "vs"})
+    if unknown or len(kinds) != 1:
+        what = (f"unknown key(s) {', '.join(map(str, unknown))}" if unknown
+                else "no claim kind" if not kinds else f"several kinds ({', '.join(kinds)})")
+        raise ValueError(f"{where}: claim {claim!r}: {what}; a claim has exactly one of: {', '.join(KINDS)}")
+    return kinds[0]
 
 
 def _within(verdict: str, margin: float, spread: float | None) -> str:
@@ -51,55 +87,61 @@ def _within(verdict: str, margin: float, spread: float | None) -> str:
 
 
 def judge(spec_row: dict, metric: str, paper, reproduced: dict[str, dict], row_key: str,
-          spread: float | None = None) -> str:
+          spread: float | None = None, where: str | None = None) -> str:
+    """The verdict cell of (row, metric); ``where`` (the paper YAML file and row) names a
+    malformed claim in the ValueError it raises."""
+    where = where or f"paper table row '{row_key}'"
     verdicts = []
     mine = reproduced.get(row_key, {}).get(metric)
-    for claim in row_claims(spec_row):
-        if claim == "reference":
+    for claim, key in zip(row_claims(spec_row), claim_keys(spec_row)):
+        kind = claim_kind(claim, f"{where}.{key}")
+        if kind == "reference":
             return "reference row"
-        if not isinstance(claim, dict) or claim.get("metric", metric) != metric:
+        if claim.get("metric", metric) != metric:
             continue
+        if kind in TOLERANCES and (_missing(paper) or (kind == "rel_tol" and paper == 0)):
+            if "metric" in claim:
+                raise ValueError(f"{where}.{key}: claim {claim!r} compares with the paper's {metric}, but the "
+                                 f"row has {'a zero' if paper == 0 else 'no'} paper number for it")
+            continue  # a claim on every metric: judged where the row has a paper number
+        if kind in NEEDS_VS and "vs" not in claim:
+            raise ValueError(f"{where}.{key}: claim {claim!r}: {kind} needs `vs` (the row it compares with)")
         if _missing(mine):
             return "not run"
-        if "rel_tol" in claim:
-            if paper:
-                rel = (mine - paper) / paper
-                ok = abs(rel) <= claim["rel_tol"]
-                verdicts.append(f"{'yes' if ok else 'no'} ({rel:+.1%}, tolerance ±{claim['rel_tol']:.0%})")
+        if kind == "rel_tol":
+            rel = (mine - paper) / paper
+            ok = abs(rel) <= claim["rel_tol"]
+            verdicts.append(f"{'yes' if ok else 'no'} ({rel:+.1%}, tolerance ±{claim['rel_tol']:.0%})")
             continue
-        if "abs_tol" in claim:
-            if not _missing(paper):
-                diff = mine - paper
-                verdicts.append(f"{'yes' if abs(diff) <= claim['abs_tol'] else 'no'} ({_num(diff, True)} vs the "
-                                f"paper, tolerance ±{claim['abs_tol']})")
+        if kind == "abs_tol":
+            diff = mine - paper
+            verdicts.append(f"{'yes' if abs(diff) <= claim['abs_tol'] else 'no'} ({_num(diff, True)} vs the "
+                            f"paper, tolerance ±{claim['abs_tol']})")
             continue
-        for kind in ("max_drop", "max_ratio", "higher", "lower", "equal", "beyond_spread"):
-            if kind not in claim:
-                continue
-            other_key = claim["vs"] if kind in ("max_drop", "max_ratio") else claim[kind]
-            other = reproduced.get(other_key, {}).get(metric)
-            if _missing(other):
-                verdicts.append(f"not run ({other_key})")
-            elif kind == "max_drop":
-                drop = other - mine
-                verdicts.append(_within(f"{'yes' if drop <= claim['max_drop'] else 'no'} "
-                                        f"(drop {_num(drop)} vs {other_key}, allowed {claim['max_drop']})",
-                                        drop - claim["max_drop"], spread))
-            elif kind == "max_ratio":
-                ratio = mine / other if other else float("inf")
-                verdicts.append(f"{'yes' if ratio <= claim['max_ratio'] else 'no'} "
-                                f"({ratio - 1:+.1%} vs {other_key}, needed <= {claim['max_ratio'] - 1:+.0%})")
-            elif kind == "higher":
-                verdicts.append(_within(f"{'yes' if mine > other else 'no'} ({_num(mine - other, True)} vs {other_key})",
-                                        mine - other, spread))
-            elif kind == "lower":
-                verdicts.append(_within(f"{'yes' if mine < other else 'no'} ({_num(mine - other, True)} vs {other_key})",
-                                        mine - other, spread))
-            elif kind == "equal":
-                same = abs(mine - other) <= 1e-9 * max(abs(mine), abs(other), 1.0)
-                verdicts.append(f"{'yes' if same else 'no'} ({_num(mine - other, True)} vs {other_key})")
-            else:
-                sd = (reproduced[row_key].get(f"{metric}_sd", 0.0) + reproduced[other_key].get(f"{metric}_sd", 0.0))
-                verdicts.append(f"{'yes' if mine - other > sd else 'no'} ({_num(mine - other, True)} vs "
-                                f"{other_key}, seed spread {_num(sd)})")
+        other_key = claim["vs"] if kind in NEEDS_VS else claim[kind]
+        other = reproduced.get(other_key, {}).get(metric)
+        if _missing(other):
+            verdicts.append(f"not run ({other_key})")
+        elif kind == "max_drop":
+            drop = other - mine
+            verdicts.append(_within(f"{'yes' if drop <= claim['max_drop'] else 'no'} "
+                                    f"(drop {_num(drop)} vs {other_key}, allowed {claim['max_drop']})",
+                                    drop - claim["max_drop"], spread))
+        elif kind == "max_ratio":
+            ratio = mine / other if other else float("inf")
+            verdicts.append(f"{'yes' if ratio <= claim['max_ratio'] else 'no'} "
+                            f"({ratio - 1:+.1%} vs {other_key}, needed <= {claim['max_ratio'] - 1:+.0%})")
+        elif kind == "higher":
+            verdicts.append(_within(f"{'yes' if mine > other else 'no'} ({_num(mine - other, True)} vs {other_key})",
+                                    mine - other, spread))
+        elif kind == "lower":
+            verdicts.append(_within(f"{'yes' if mine < other else 'no'} ({_num(mine - other, True)} vs {other_key})",
+                                    mine - other, spread))
+        elif kind == "equal":
+            same = abs(mine - other) <= 1e-9 * max(abs(mine), abs(other), 1.0)
+            verdicts.append(f"{'yes' if same else 'no'} ({_num(mine - other, True)} vs {other_key})")
+        else:
+            sd = (reproduced[row_key].get(f"{metric}_sd", 0.0) + reproduced[other_key].get(f"{metric}_sd", 0.0))
+            verdicts.append(f"{'yes' if mine - other > sd else 'no'} ({_num(mine - other, True)} vs "
+                            f"{other_key}, seed spread {_num(sd)})")
     return "; ".join(verdicts) if verdicts else "—"

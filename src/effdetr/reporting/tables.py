@@ -129,6 +129,8 @@ def table_rows(spec: dict, reproduced: dict[str, dict], extra: list[str] = (),
         if key in skip:
             continue
         got = reproduced.get(key, {})
+        where = (f"{spec['source']}: tables.{spec.get('table', '?')}.rows.{key}" if "source" in spec
+                 else None)  # names a malformed claim in judge's error
         for metric in spec["metrics"]:
             paper, repro = row.get(metric), got.get(metric)
             if paper is None and repro is None:
@@ -136,7 +138,7 @@ def table_rows(spec: dict, reproduced: dict[str, dict], extra: list[str] = (),
             delta = repro - paper if paper is not None and repro is not None else None
             spread = (spreads or {}).get(key, {}).get(metric)
             rows.append([row.get("label", key), metric, _fmt(paper), _fmt(repro), _fmt(delta),
-                         judge(row, metric, paper, reproduced, key, spread)])
+                         judge(row, metric, paper, reproduced, key, spread, where)])
     return rows
 
 
