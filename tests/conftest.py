@@ -39,3 +39,20 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     monkeypatch.setenv("PATH", f"{BIN}:{__import__('os').environ['PATH']}")
     return tmp_path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(request):
+    """For modules marked ``one_thread``: the tiny profile's ``threads: 1``, which the CLI
+    applies and ``train()`` does not. On a busy 2-core machine a second intra-op thread makes
+    tiny training steps several times slower, and bitwise comparisons between runs in one
+    process need one thread count. Module-scoped and autouse, so it is set before any module
+    fixture trains."""
+    if request.node.get_closest_marker("one_thread") is None:
+        yield
+        return
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

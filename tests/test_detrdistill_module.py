@@ -14,16 +14,7 @@ from tests.test_deformable import loss_cfg as focal_loss_cfg
 from tests.test_deformable import model_cfg as deformable_cfg
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny profile's ``threads: 1``, which the CLI applies and ``train()`` does not: on a
-    busy 2-core machine a second intra-op thread makes these tiny steps several times slower.
-    Module-scoped and autouse, so it is set before any module fixture trains (bitwise
-    comparisons need one thread count)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.one_thread  # see conftest.one_thread
 
 
 def distill_cfg(**parts):
