@@ -101,9 +101,34 @@ def _apply_threads(cfg) -> None:
         torch.set_num_threads(cfg.train.threads)
 
 
+def _join_process_group(cfg):
+    """torchrun's process group (None for a plain launch); a train.gpus that disagrees with
+    the process count would train at another global batch than the LR rule was set for."""
+    from .utils import dist
+    from .utils.repro import resolve_device
+    env = dist.init_from_env(resolve_device(cfg.train.device).type)
+    world = env.world_size if env else 1
+    gpus = getattr(cfg.train, "gpus", 0)
+    if gpus > 0 and gpus != world:
+        dist.shutdown()
+        raise ValueError(f"train.gpus is {gpus} but {world} process(es) were launched: run "
+                         f"`torchrun --nproc_per_node={gpus} -m effdetr.cli ...`")
+    return env
+
+
 def cmd_train(args) -> None:
     cfg, exp = C.experiment_config(args.params, args.experiment)
     _apply_threads(cfg)
+    from .utils import dist
+    _join_process_group(cfg)
+    try:
+        _train(args, cfg, exp)
+    finally:
+        dist.shutdown()
+
+
+def _train(args, cfg, exp) -> None:
+    from .utils import dist
     params, _ = C.load_params(args.params)
     phash = C.params_hash(cfg)
     # Fail before compute: the data must be there, match its manifest and pass the annotation
@@ -126,9 +151,12 @@ def cmd_train(args) -> None:
         result = train(cfg, args.data, args.out, str(work), phash, run=run, backbone_weights=args.backbone,
                        init=args.init, teacher=args.teacher, distill_cfg=exp.distill)
         seconds = time.time() - t0
+        if not dist.is_main():  # rank 0 alone writes (its Run is the only one that tracks)
+            return
         run.log_metrics({"train_seconds": seconds}, step=cfg.train.epochs)
         _write_json({"experiment": args.experiment, "final": result["final"], "history": result["history"],
-                     "train_seconds": seconds, "provenance": _provenance(run, phash)}, args.metrics)
+                     "train_seconds": seconds, "world_size": dist.world_size(),
+                     "provenance": _provenance(run, phash)}, args.metrics)
         run.log_artifact(args.metrics)
 
 
@@ -156,6 +184,17 @@ def cmd_pretrain(args) -> None:
 def cmd_eval(args) -> None:
     cfg, exp = C.experiment_config(args.params, args.experiment)
     _apply_threads(cfg)
+    from .utils import dist
+    from .utils.repro import resolve_device
+    dist.init_from_env(resolve_device(cfg.train.device).type)  # eval shards the val set over any count
+    try:
+        _eval(args, cfg, exp)
+    finally:
+        dist.shutdown()
+
+
+def _eval(args, cfg, exp) -> None:
+    from .utils import dist
     params, _ = C.load_params(args.params)
     phash = C.params_hash(cfg)
     import torch
@@ -168,7 +207,7 @@ def cmd_eval(args) -> None:
     check_data(cfg, args.data, ("val",))
     # the experiment's model config (e.g. ACT kernels) over the checkpoint's trained weights
     model, ckpt = build_trained_model(args.checkpoint, cfg.model)
-    device = resolve_device(cfg.train.device)
+    device = dist.local_device(resolve_device(cfg.train.device))
     model.to(device)
     precision = "bf16" if cfg.eval.amp and device.type == "cuda" else "fp32"  # autocast is CUDA-only here
     with Run(params.tracking.experiment, f"eval-{args.experiment}",
@@ -179,6 +218,8 @@ def cmd_eval(args) -> None:
                                  cfg.data.area_ranges, amp=cfg.eval.amp,
                                  flops_images=cfg.eval.flops_images, fps_iters=cfg.eval.fps_iters,
                                  fps_warmup=cfg.eval.fps_warmup, fps_batch_sizes=cfg.eval.fps_batch_sizes)
+        if not dist.is_main():  # the other ranks only predicted their shards
+            return
         run.log_metrics({k: v for k, v in stats.items() if v == v})
         _write_json({"experiment": args.experiment, "stats": stats, "precision": precision,
                      "checkpoint_params_hash": ckpt.get("params_hash"), "provenance": _provenance(run, phash)},

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, deep_merge, expand_experiments, read_yaml
+from .config import ConfigError, deep_merge, expand_experiments, read_yaml, stage_resources
 from .data.manifest import manifest_path, refresh_if_present
 
 SRC = "src/effdetr"
@@ -36,6 +36,8 @@ class Stage:
     threads: int | None = None  # ... unless the experiment's train.threads asks for fewer
     persist: bool = False
     groups: list[str] = field(default_factory=list)  # named targets it belongs to (e.g. released)
+    # gpu, mem_mb, runtime (minutes), cpus_per_task: Snakemake `resources:` (config.stage_resources)
+    resources: dict = field(default_factory=dict)
 
     @property
     def shell(self) -> str:
@@ -45,12 +47,28 @@ class Stage:
     def log(self) -> str:
         return f"logs/{self.name}.log"
 
+    def rule_threads(self, cores: int | None) -> int:
+        """Snakemake threads: 1 for light stages; a heavy one takes its experiment's
+        train.threads, else every core of a local run, else (a cluster run has no --cores) the
+        cores its allocation asks for."""
+        if not self.heavy:
+            return 1
+        return self.threads or cores or self.resources["cpus_per_task"]
+
     def params_json(self, raw: dict) -> str:
         """Canonical JSON of exactly the params this stage's command reads."""
         return json.dumps({k: lookup(raw, k) for k in self.params_keys}, sort_keys=True, separators=(",", ":"))
 
     def all_outputs(self) -> list[str]:
         return self.outs + self.out_dirs + self.metrics
+
+
+def launch(args: list[str], resources: dict) -> list[str]:
+    """The command of one stage: ``effdetr <args>``, or one process per GPU under torchrun
+    (single node, env:// rendezvous on a free port) when it asks for more than one GPU."""
+    if resources["gpu"] > 1:
+        return ["torchrun", "--standalone", f"--nproc_per_node={resources['gpu']}", "-m", "effdetr.cli", *args]
+    return ["effdetr", *args]
 
 
 def lookup(raw: dict, dotted: str):
@@ -76,20 +94,22 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
 
     kind = data["dataset"]
     data_src = [f"{SRC}/data/synthcoco.py"] if kind == "synth" else [f"{SRC}/data/download.py"]
-    stages.append(Stage("data", ["effdetr", "data", kind, *p, "--out", root],
+    res = stage_resources(raw, "data")
+    stages.append(Stage("data", launch(["data", kind, *p, "--out", root], res),
                         ["profile", f"{prof_key}.data"], deps=data_src + COMMON_SRC, outs=[manifest],
-                        out_dirs=[root], persist=kind == "coco"))
+                        out_dirs=[root], persist=kind == "coco", resources=res))
 
     backbone_file = "data/checkpoints/backbone.pt"
     prof = raw["profiles"][profile]
     if prof.get("pretrain"):
         metrics = "reports/metrics/backbone/pretrain.json"
+        res = stage_resources(raw, "pretrain")
         stages.append(Stage("pretrain_backbone",
-                            ["effdetr", "pretrain", *p, "--data", root, "--out", backbone_file, "--metrics", metrics],
+                            launch(["pretrain", *p, "--data", root, "--out", backbone_file, "--metrics", metrics], res),
                             ["profile", f"{prof_key}.pretrain", f"{prof_key}.data", f"{prof_key}.input",
                              f"{prof_key}.model.backbone", f"{prof_key}.model.num_classes", f"{prof_key}.train.device"],
                             deps=[root, manifest, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + COMMON_SRC,
-                            outs=[backbone_file], metrics=[metrics], heavy=True))
+                            outs=[backbone_file], metrics=[metrics], heavy=True, resources=res))
 
     train_keys = [f"{prof_key}.{s}" for s in ("data", "input", "model", "loss", "train")]
     eval_keys = [f"{prof_key}.{s}" for s in ("data", "input", "model", "train", "eval")]
@@ -112,45 +132,50 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
             weights = [f"data/checkpoints/{w}.pt" for w in dict.fromkeys(x for x in (init, teacher) if x)]
             extra += ["--init", f"data/checkpoints/{init}.pt"] if init else []
             extra += ["--teacher", f"data/checkpoints/{teacher}.pt"] if teacher else []
+            res = stage_resources(raw, "train", (name, source), _merged(raw, profile, exp, "train").get("gpus", 0))
             stages.append(Stage(f"train_{name}",
-                                ["effdetr", "train", *p, "--experiment", name, "--data", root, "--out", ckpt,
-                                 "--metrics", metrics, *extra],
+                                launch(["train", *p, "--experiment", name, "--data", root, "--out", ckpt,
+                                        "--metrics", metrics, *extra], res),
                                 exp_keys + train_keys,
                                 deps=[root, manifest, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + DISTILL_SRC
                                 + COMMON_SRC
                                 + ([backbone_file] if "--backbone" in extra else []) + weights,
-                                outs=[ckpt], metrics=[metrics], heavy=True, threads=threads))
+                                outs=[ckpt], metrics=[metrics], heavy=True, threads=threads, resources=res))
             report_deps.append(metrics)
         if "import" in stage_list:
             metrics = f"reports/metrics/{name}/import.json"
             imp = exp["import_checkpoint"]
             source_dep = [imp["file"]] if imp.get("file") else []
+            res = stage_resources(raw, "import", (name, source))
             stages.append(Stage(f"import_{name}",
-                                ["effdetr", "import", *p, "--experiment", name, "--out", ckpt, "--metrics", metrics,
-                                 "--releases", "data/releases"],
+                                launch(["import", *p, "--experiment", name, "--out", ckpt, "--metrics", metrics,
+                                        "--releases", "data/releases"], res),
                                 exp_keys + [f"{prof_key}.model"],
                                 deps=source_dep + [f"{SRC}/convert", f"{SRC}/engine", f"{SRC}/data/download.py"]
                                 + MODEL_SRC + COMMON_SRC,
-                                outs=[ckpt], metrics=[metrics], heavy=True, groups=groups))
+                                outs=[ckpt], metrics=[metrics], heavy=True, groups=groups, resources=res))
             report_deps.append(metrics)
         if "eval" in stage_list:
             metrics = f"reports/metrics/{name}/eval.json"
             weights = ckpt if ("train" in stage_list or "import" in stage_list) else f"data/checkpoints/{init}.pt"
+            res = stage_resources(raw, "eval", (name, source))
             stages.append(Stage(f"eval_{name}",
-                                ["effdetr", "eval", *p, "--experiment", name, "--data", root, "--checkpoint", weights,
-                                 "--out", metrics],
+                                launch(["eval", *p, "--experiment", name, "--data", root, "--checkpoint", weights,
+                                        "--out", metrics], res),
                                 exp_keys + eval_keys,
                                 deps=[root, manifest, weights, f"{SRC}/engine", f"{SRC}/data", f"{SRC}/evaluation"]
                                 + MODEL_SRC + COMMON_SRC,
-                                metrics=[metrics], heavy=True, threads=threads, groups=groups))
+                                metrics=[metrics], heavy=True, threads=threads, groups=groups, resources=res))
             report_deps.append(metrics)
 
     if raw.get("flops", {}).get("models"):
         metrics = "reports/metrics/flops.json"
         coco_model = ["profiles.coco.model"] if "model" in raw["profiles"].get("coco", {}) else []
-        stages.append(Stage("flops", ["effdetr", "flops", *p, "--out", metrics],
+        res = stage_resources(raw, "flops")
+        stages.append(Stage("flops", launch(["flops", *p, "--out", metrics], res),
                             ["flops"] + coco_model,
-                            deps=[f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC, metrics=[metrics], heavy=True))
+                            deps=[f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC, metrics=[metrics], heavy=True,
+                            resources=res))
         report_deps.append(metrics)
 
     speed = raw.get("speed")
@@ -158,18 +183,21 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
         src = raw["experiments"][speed["experiment"]]
         weights = f"data/checkpoints/{src['init_from']}.pt"
         metrics = "reports/metrics/speed.json"
-        stages.append(Stage("speed", ["effdetr", "speed", *p, "--data", root, "--checkpoint", weights, "--out", metrics],
+        res = stage_resources(raw, "speed")
+        stages.append(Stage("speed", launch(["speed", *p, "--data", root, "--checkpoint", weights, "--out", metrics],
+                                            res),
                             ["profile", "speed", f"experiments.{speed['experiment']}"]
                             + [f"{prof_key}.{s}" for s in ("data", "input", "model", "train", "eval")],
                             deps=[root, manifest, weights, f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC,
-                            metrics=[metrics], heavy=True))
+                            metrics=[metrics], heavy=True, resources=res))
         report_deps.append(metrics)
 
-    stages.append(Stage("report", ["effdetr", "report", *p, "--metrics", "reports/metrics", "--out", "reports"],
+    res = stage_resources(raw, "report")
+    stages.append(Stage("report", launch(["report", *p, "--metrics", "reports/metrics", "--out", "reports"], res),
                         ["profile", "experiments", "flops"] + (["speed"] if speed else [])
                         + (["seed_spread"] if raw.get("seed_spread") else []),
                         deps=report_deps + [f"{SRC}/reporting"] + COMMON_SRC,
-                        outs=["reports/README.md"], out_dirs=["reports/tables", "reports/figures"]))
+                        outs=["reports/README.md"], out_dirs=["reports/tables", "reports/figures"], resources=res))
     return stages
 
 

@@ -204,7 +204,10 @@ class Run:
     """One tracked invocation; use as a context manager. Logs go to the sidecar, then to MLflow.
 
     No method raises because of tracking: a store failure is warned about once and the run
-    goes on in the sidecar alone (``sync`` completes it in the store later)."""
+    goes on in the sidecar alone (``sync`` completes it in the store later).
+
+    Under torchrun only rank 0 tracks: on the other ranks (``RANK`` > 0) every method is a
+    no-op, so a DDP command leaves one MLflow run and one sidecar."""
 
     def __init__(self, experiment: str, run_name: str, tags: dict[str, str], params: dict):
         self.uid = uuid.uuid4().hex
@@ -216,9 +219,12 @@ class Run:
         self.client = None
         self.run_id = None
         self._failed: set[str] = set()
+        self.active = os.environ.get("RANK", "0") in ("", "0")
 
     # -- context management ---------------------------------------------------------------
     def __enter__(self) -> "Run":
+        if not self.active:
+            return self
         self._flush()
         try:
             self.client = _connect()
@@ -234,6 +240,8 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self.active:
+            return False
         self.record["status"] = "FINISHED" if exc_type is None else "FAILED"
         self.record["end_time"] = int(time.time() * 1000)
         self._flush()
@@ -287,6 +295,8 @@ class Run:
 
     # -- logging ---------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        if not self.active:
+            return
         now = int(time.time() * 1000)
         entries = [{"key": k.replace("@", "_"), "value": float(v), "step": int(step), "timestamp": now}
                    for k, v in metrics.items() if v is not None]
@@ -299,6 +309,8 @@ class Run:
                 self._store_failed(e)
 
     def log_artifact(self, path: str | Path) -> None:
+        if not self.active:
+            return
         path = Path(path)
         self.record["artifacts"].append(str(path))
         self._flush()

@@ -1,4 +1,5 @@
-# One rule per row of the stage table; each runs exactly one `effdetr` command.
+# One rule per row of the stage table; each runs exactly one `effdetr` command (under
+# torchrun when the stage asks for more than one GPU).
 # The params JSON is what makes a params edit rerun exactly the stages that read it.
 for st in STAGES:
 
@@ -13,7 +14,13 @@ for st in STAGES:
             st.log,
         conda:
             "../envs/effdetr.yaml"
-        threads: (st.threads or workflow.cores) if st.heavy else 1
+        threads: st.rule_threads(workflow.resource_settings.cores)
+        # scheduler requests from params.yaml `resources:` (SLURM: --gpus/--mem/--time/--cpus-per-task)
+        resources:
+            gpu=st.resources["gpu"],
+            mem_mb=st.resources["mem_mb"],
+            runtime=st.resources["runtime"],
+            cpus_per_task=st.resources["cpus_per_task"],
         params:
             # bound here, at definition time: a `shell:` expression would see the loop's last `st`
             cmd=st.shell,

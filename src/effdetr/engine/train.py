@@ -9,11 +9,15 @@ NaN/Inf is moved aside (``last.pt.bad-<n>``) and the run resumes from ``prev.pt`
 Augmentation randomness is seeded per sample from (seed, epoch, position), and
 the shuffle order from (seed, epoch), so skipping the first k batches of an epoch after a
 restart reproduces exactly what an uninterrupted run would have seen (bitwise on CPU).
+
+Under torchrun (see utils.dist) each rank trains its share of every global batch
+(``batch_size x world size``) in a DistributedDataParallel wrapper; rank 0 alone writes the
+state, the model and the progress lines. The state records the world size and every rank's
+RNG state: it resumes only at the world size that wrote it (the global batches would differ).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import re
 import sys
@@ -29,6 +33,7 @@ from ..distill import build_distiller
 from ..models import build_model
 from ..models.backbone import load_backbone_weights
 from ..models.criterion import build_criterion
+from ..utils import dist
 from ..utils.repro import resolve_device, rng_state, seed_everything, set_rng_state
 from .checkpoint import (
     build_trained_model,
@@ -90,6 +95,16 @@ def load_resumable(work: Path) -> tuple[dict | None, Path | None]:
         return st, path
     raise RuntimeError(f"cannot resume: {problems[0]}; and the older snapshot: {problems[1]}. "
                        f"Move {last} and {prev} aside to start this run over")
+
+
+def _load_resumable_ranked(work: Path) -> tuple[dict | None, Path | None]:
+    """:func:`load_resumable` on rank 0 first (it may move a bad ``last.pt`` aside), then on
+    the other ranks, which then read the same snapshot."""
+    if dist.world_size() == 1:
+        return load_resumable(work)
+    found = load_resumable(work) if dist.is_main() else None
+    dist.barrier()
+    return found if dist.is_main() else load_resumable(work)
 
 
 class SeededSamples(Dataset):
@@ -156,8 +171,9 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
     ``teacher`` + ``distill_cfg``: a frozen teacher model file and how to distil it.
     """
     t = cfg.train
-    device = resolve_device(t.device)
-    seed_everything(t.seed)
+    device = dist.local_device(resolve_device(t.device))
+    world, rank = dist.world_size(), dist.rank()
+    seed_everything(t.seed)  # the same initial weights on every rank
     img_dir, ann = split_paths(cfg.data, "train", data_root)
     dataset = CocoDetection(img_dir, ann, build_transforms(cfg.input, train=True), cfg.model.num_classes)
     if dataset.dropped:
@@ -191,25 +207,32 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
         groups.append({"params": list(distiller.parameters()), "lr": t.lr, "weight_decay": t.weight_decay})
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    iters_per_epoch = math.ceil(len(dataset) / t.batch_size)
+    iters_per_epoch = dist.steps_per_epoch(len(dataset), t.batch_size, world)
     if t.max_iters_per_epoch:
         iters_per_epoch = min(iters_per_epoch, t.max_iters_per_epoch)
 
     work = Path(work_dir)
     state_path = work / "last.pt"
     start_epoch, start_iter, step, history, meters = 0, 0, 0, [], {}
-    st, resumed_from = load_resumable(work)
+    st, resumed_from = _load_resumable_ranked(work)
+    if world > 1:
+        seed_everything(t.seed + 1000003 * rank)  # each rank its own dropout stream
     if st is not None:
         if st.get("params_hash") != phash:
             raise RuntimeError(f"{resumed_from}: written for params hash {st.get('params_hash')}, not {phash}")
+        if st.get("world_size", 1) != world:
+            raise RuntimeError(f"{resumed_from}: written by a run of {st.get('world_size', 1)} process(es), this "
+                               f"one has {world}: its global batches (batch_size x processes) would differ. "
+                               f"Rerun with {st.get('world_size', 1)} processes, or move {work} aside to start over")
         model.load_state_dict(st["model"])
         if distiller is not None:
             distiller.load_state_dict(st.get("distiller", {}))
         optimizer.load_state_dict(st["optimizer"])
         start_epoch, start_iter, step = st["epoch"], st["iter"], st["step"]
         history, meters = st["history"], st["meters"]
-        set_rng_state(st["rng"])
-        print(f"[train] resuming from {resumed_from}: epoch {start_epoch} iter {start_iter}")
+        set_rng_state(st["rng_ranks"][rank] if world > 1 else st["rng"])
+        if dist.is_main():
+            print(f"[train] resuming from {resumed_from}: epoch {start_epoch} iter {start_iter}")
     resumed = f" (resumed from {resumed_from})" if resumed_from else ""
 
     def check_weights(where):
@@ -223,21 +246,30 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
 
     def snapshot(epoch, it):
         check_weights(f"before writing {state_path}")
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "distiller": distiller.state_dict() if distiller is not None else {},
-                     "iter": it, "step": step, "history": history, "meters": meters, "rng": rng_state(),
-                     "params_hash": phash}, state_path, previous=work / "prev.pt")
+        rngs = dist.all_gather(rng_state())  # a collective: every rank snapshots at the same step
+        extra = {"world_size": world, "rng_ranks": rngs} if world > 1 else {}
+        if dist.is_main():
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                         "distiller": distiller.state_dict() if distiller is not None else {},
+                         "iter": it, "step": step, "history": history, "meters": meters, "rng": rngs[0],
+                         "params_hash": phash, **extra}, state_path, previous=work / "prev.pt")
 
     num_aux = cfg.model.dec_layers - 1 if cfg.model.aux_loss else 0
     progress = Progress(t.log_every_s)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=getattr(model, "ddp_find_unused_parameters", False))
     amp = t.amp and device.type == "cuda"
     for epoch in range(start_epoch, t.epochs):
-        skip = start_iter * t.batch_size if epoch == start_epoch else 0
-        sampler = EpochSampler(len(dataset), t.seed, epoch, skip)
+        skip = start_iter * t.batch_size * world if epoch == start_epoch else 0
+        batches = dist.ShardedBatches(EpochSampler(len(dataset), t.seed, epoch, skip).items, t.batch_size,
+                                      rank, world)
         # The loader's own generator: its iterator draws a base seed at creation, which from the
         # global RNG would shift the dropout stream of a run resumed mid-epoch (not bitwise).
-        loader = DataLoader(SeededSamples(dataset), batch_size=t.batch_size, sampler=sampler,
-                            num_workers=t.num_workers, collate_fn=collate, drop_last=False,
+        loader = DataLoader(SeededSamples(dataset), batch_sampler=batches,
+                            num_workers=t.num_workers, collate_fn=collate,
                             generator=torch.Generator().manual_seed(t.seed * 100003 + epoch))
         model.train()
         t_epoch, seen = time.time(), 0
@@ -252,7 +284,7 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
             images, masks = images.to(device), masks.to(device)
             targets = [{k: v.to(device) for k, v in tg.items()} for tg in targets]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                outputs = model(images, masks)
+                outputs = net(images, masks)
             losses = criterion(outputs, targets)
             total = criterion.total(losses, num_aux)
             if distiller is not None:
@@ -262,36 +294,49 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
                                criterion=criterion, num_aux=num_aux)
                 total = total + distiller.total(kd)
                 losses.update(kd)
-            if not torch.isfinite(total):
-                raise TrainingDiverged(f"training diverged{resumed}: loss is {total.item()} at epoch {epoch} "
-                                       f"iter {it}; components: { {k: v.item() for k, v in losses.items()} }")
+            # the global batch's losses (rank means; a single process's own): every rank logs,
+            # and stops on a non-finite loss, together
+            values = [total] + list(losses.values())
+            if world > 1:
+                values = list(dist.mean_tensor(torch.stack([v.detach().float() for v in values])).unbind())
+            total_g, losses_g = values[0], dict(zip(losses, values[1:]))
+            if not torch.isfinite(total_g):
+                raise TrainingDiverged(f"training diverged{resumed}: loss is {total_g.item()} at epoch {epoch} "
+                                       f"iter {it}; components: { {k: v.item() for k, v in losses_g.items()} }")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            if distiller is not None:
+                dist.average_gradients(distiller.parameters())  # outside the DDP module
             if t.clip_max_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_max_norm)
             optimizer.step()
             it += 1
             step += 1
-            seen += len(images)
-            for k, v in [("loss", total.item())] + [(k, v.item()) for k, v in losses.items() if not re.search(r"_\d+$", k)]:
+            seen += len(images) * world
+            for k, v in [("loss", total_g.item())] + [(k, v.item()) for k, v in losses_g.items()
+                                                      if not re.search(r"_\d+$", k)]:
                 s, n = meters.get(k, (0.0, 0))
                 meters[k] = (s + v, n + 1)
-            progress.update(epoch, it, iters_per_epoch, total.item(), optimizer.param_groups[0]["lr"],
-                            seen / max(time.time() - t_epoch, 1e-9))
+            if dist.is_main():
+                progress.update(epoch, it, iters_per_epoch, total_g.item(), optimizer.param_groups[0]["lr"],
+                                seen / max(time.time() - t_epoch, 1e-9))
             if it % t.checkpoint_every_iters == 0 and it < iters_per_epoch:
                 snapshot(epoch, it)
         epoch_metrics = {f"train_{k}": s / max(n, 1) for k, (s, n) in meters.items()}
         epoch_metrics.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], epoch_seconds=time.time() - t_epoch)
         history.append(epoch_metrics)
-        if progress.tty:
-            print(file=sys.stderr)
-        print(f"[train] epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()), flush=True)
+        if dist.is_main():
+            if progress.tty:
+                print(file=sys.stderr)
+            print(f"[train] epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()),
+                  flush=True)
         if run is not None:
             run.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch)
         start_iter, meters = 0, {}
         snapshot(epoch + 1, 0)
 
     check_weights(f"before writing the final model {out_path}")
-    save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(cfg.model), "params_hash": phash,
-                 "epochs": t.epochs}, out_path)
+    if dist.is_main():
+        save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(cfg.model),
+                     "params_hash": phash, "epochs": t.epochs}, out_path)
     return {"final": history[-1] if history else {}, "history": history}

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from ..utils.dist import mean_over_ranks
 from .matcher import HungarianMatcher
 
 
@@ -62,7 +63,10 @@ class SetCriterion(nn.Module):
         """Unweighted losses by name; combine with :meth:`weight_dict`. ``indices``: a fixed
         (query, target) assignment for every layer instead of Hungarian matching (DETRDistill's
         teacher-assisted stream)."""
-        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        # DETR under DDP: the boxes of the whole global batch, / world size (each rank's loss
+        # is then averaged by DDP); the plain count in a single process
+        num_boxes = float(sum(len(t["labels"]) for t in targets))
+        num_boxes = max(mean_over_ranks(num_boxes, targets[0]["labels"].device if targets else None), 1.0)
         losses = self._single(outputs, targets, num_boxes, indices=indices)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self._single(aux, targets, num_boxes, f"_{i}", indices))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..utils.dist import mean_over_ranks
 from .criterion import matched_box_losses
 from .matcher import HungarianMatcher
 from .sparse_detr import dam_loss
@@ -55,7 +56,10 @@ class FocalSetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict], indices=None) -> dict[str, Tensor]:
         """Unweighted losses by name; combine with :meth:`total`. ``indices``: a fixed (query,
         target) assignment for every decoder layer instead of Hungarian matching."""
-        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        # DETR under DDP: the boxes of the whole global batch, / world size (each rank's loss
+        # is then averaged by DDP); the plain count in a single process
+        num_boxes = float(sum(len(t["labels"]) for t in targets))
+        num_boxes = max(mean_over_ranks(num_boxes, targets[0]["labels"].device if targets else None), 1.0)
         losses = self.set_loss(outputs, targets, num_boxes, "", indices=indices)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self.set_loss(aux, targets, num_boxes, f"_{i}", indices=indices))
