@@ -48,7 +48,7 @@ def write_params(path: Path, batch: int, **train) -> Path:
     s["input"].update(train_scales=[64], crop_prob=0.0)
     s["loss"]["eos_coef"] = 1.0
     # max_iters_per_epoch 1: each epoch's train_loss in the history is one step's loss
-    s["train"].update({"batch_size": batch, "epochs": 3, "max_iters_per_epoch": 1, "warmup_iters": 0,
+    s["train"].update({"device": "cpu", "batch_size": batch, "epochs": 3, "max_iters_per_epoch": 1, "warmup_iters": 0,
                        "lr_drop": 10, **train})
     s["eval"].update(flops_images=0, fps_iters=0, batch_size=4)
     path.write_text(yaml.safe_dump(params))

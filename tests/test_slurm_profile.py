@@ -70,6 +70,9 @@ def sbatch_flags(argv: list[str]) -> dict[str, str]:
                          ("cpus", r"--cpus-per-task=(\d+)")):
         m = re.search(pattern, line)
         flags[key] = m.group(1) if m else None
+    # one node, one task: a torchrun job started as one task per GPU would launch N torchruns
+    assert re.search(r"--nodes=1\b", line), line
+    assert "--ntasks-per-gpu" not in line and re.findall(r"--ntasks=(\d+)", line) in ([], ["1"]), line
     return flags
 
 

@@ -113,6 +113,11 @@ def _join_process_group(cfg):
         dist.shutdown()
         raise ValueError(f"train.gpus is {gpus} but {world} process(es) were launched: run "
                          f"`torchrun --nproc_per_node={gpus} -m effdetr.cli ...`")
+    if gpus == 0 and world > 1 and cfg.train.lr_scaling.rule != "none":
+        # CPU processes: the LR rule was resolved for one process's batch, not world x batch
+        dist.shutdown()
+        raise ValueError(f"train.lr_scaling.rule is {cfg.train.lr_scaling.rule!r}, resolved for train.gpus 0 "
+                         f"(one process), but {world} processes were launched")
     return env
 
 

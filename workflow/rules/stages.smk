@@ -21,6 +21,10 @@ for st in STAGES:
             mem_mb=st.resources["mem_mb"],
             runtime=st.resources["runtime"],
             cpus_per_task=st.resources["cpus_per_task"],
+            # one node and one task per job (torchrun --standalone starts the ranks itself); the
+            # plugin would otherwise ask for one task per GPU when a job sets `tasks`
+            nodes=1,
+            tasks_per_gpu=0,
         params:
             # bound here, at definition time: a `shell:` expression would see the loop's last `st`
             cmd=st.shell,
