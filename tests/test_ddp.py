@@ -307,3 +307,15 @@ def test_ddp_kill_and_resume_matches_uninterrupted(tmp_path, tiny_data):
     assert hist("res") == hist("ref")
     a, b = weights(tmp_path, "ref"), weights(tmp_path, "res")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.parametrize("n,batch,world", [(10, 3, 2), (7, 4, 3), (16, 4, 2), (5, 1, 2), (3, 4, 2)])
+def test_eval_shards_keep_the_one_process_batches(n, batch, world):
+    """Each image is padded to its batch's largest one, which changes its predictions: the
+    ranks' batches together must be exactly the 1-process batches (a per-image split of 10
+    images at batch 3 over 2 ranks would batch [3, 4] together, which one process never does)."""
+    from effdetr.utils.dist import eval_shard
+    one = [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
+    shards = [eval_shard(n, batch, r, world) for r in range(world)]
+    together = [s[i:i + batch] for s in shards for i in range(0, len(s), batch)]
+    assert together == one and sorted(i for s in shards for i in s) == list(range(n))

@@ -1,6 +1,6 @@
 """Run a detector over a dataset and score it with COCOeval.
 
-Under torchrun each rank predicts one contiguous shard of the split (in rank order) and rank
+Under torchrun each rank predicts a contiguous run of whole batches (in rank order) and rank
 0 concatenates the shards' detections -- the list a single process makes, in its order --
 for one COCOeval; the other ranks return None.
 """
@@ -99,7 +99,7 @@ def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num
         raise ValueError(f"{dataset.ann_file}: the split has no images to evaluate")
     check_finite(model.state_dict(), "model to evaluate")
     world = dist.world_size()
-    part = dataset if world == 1 else Subset(dataset, dist.shard(list(range(len(dataset))), dist.rank(), world))
+    part = dataset if world == 1 else Subset(dataset, dist.eval_shard(len(dataset), batch_size, dist.rank(), world))
     loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     dets, ids, sec_per_img = predict(model, loader, device, amp)
     if world > 1:

@@ -134,6 +134,14 @@ def shard(batch: list, rank_: int, world: int) -> list:
     return batch[start:start + q + (rank_ < r)]
 
 
+def eval_shard(n: int, batch_size: int, rank_: int, world: int) -> list[int]:
+    """Rank ``rank_``'s images for a distributed evaluation: a contiguous run of the 1-process
+    run's *whole* batches, so every batch -- and its padding to the batch's largest image,
+    which changes the predictions -- is the one a single process would have made."""
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    return [i for b in shard(batches, rank_, world) for i in b]
+
+
 class ShardedBatches(torch.utils.data.Sampler):
     """Batch sampler over one epoch's (index, seed) items: global batches of ``batch_size x
     world`` items in stream order, each cut into the ranks' shares (world 1: plain batches)."""
