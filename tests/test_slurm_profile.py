@@ -77,7 +77,7 @@ def sbatch_flags(argv: list[str]) -> dict[str, str]:
 
 
 def test_slurm_profile_submits_every_rule_with_its_resources_and_launches_torchrun(workdir):
-    raw = tiny_ddp_params(workdir / "params.yaml")
+    tiny_ddp_params(workdir / "params.yaml")
     built = {st.name: st for st in stages.build_stages(stages.load_raw("params.yaml"))}
     from effdetr.config import profile_config
     from effdetr.data.synthcoco import generate

@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .utils.process import pid_alive
+
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 SIDECAR_DIR = Path("mlruns/sidecars")
 ARTIFACT_DIR = Path("mlruns/artifacts")
@@ -332,13 +334,7 @@ def _writer_gone(rec: dict, sidecar: Path) -> bool:
         return True  # sidecars from before pids were recorded
     if host != socket.gethostname():
         return time.time() - sidecar.stat().st_mtime > OTHER_HOST_STALE_S
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, another user's
-    return False
+    return not pid_alive(pid)
 
 
 def _fill(client, run_id: str, rec: dict, status: str, existing=None) -> bool:
