@@ -59,8 +59,11 @@ def test_coco_batches_and_lr_rules_are_the_papers(tmp_path):
         assert C.lr_factor(t) == 1.0, name  # each paper's LR at its own batch
     by_name = {st.name: st for st in stages.build_stages(stages.load_raw(p), p)}
     t = by_name["train_sparse_detr_rho0p1"]
-    assert t.cmd[:6] == ["torchrun", "--standalone", "--nproc_per_node=8", "-m", "effdetr.cli", "train"]
-    assert t.resources["gpu"] == 8 and by_name["eval_sparse_detr_rho0p1"].cmd[0] == "effdetr"
+    assert t.cmd[:10] == ["effdetr", "gpus", "8", "--",
+                          "torchrun", "--standalone", "--nproc_per_node=8", "-m", "effdetr.cli", "train"]
+    ev = by_name["eval_sparse_detr_rho0p1"]
+    assert t.resources["gpu"] == 8 and ev.resources["gpu"] == 1
+    assert ev.cmd[:5] == ["effdetr", "gpus", "1", "--", "effdetr"] and stages.stage_command(ev.cmd)[1] == "eval"
 
 
 def test_synth_stays_one_cpu_process():
@@ -76,7 +79,7 @@ def test_resources_merge_kind_then_experiment_and_rerun_nothing(tmp_path):
     path = write(tmp_path, edit)
     by_name = {st.name: st for st in stages.build_stages(stages.load_raw(path), path)}
     assert by_name["eval_act_L32"].resources == {"gpu": 1, "mem_mb": 999, "runtime": 77, "cpus_per_task": 2}
-    assert by_name["eval_act_L16"].resources["gpu"] == 3 and by_name["eval_act_L16"].cmd[:3] == [
+    assert by_name["eval_act_L16"].resources["gpu"] == 3 and stages.stage_command(by_name["eval_act_L16"].cmd)[:3] == [
         "torchrun", "--standalone", "--nproc_per_node=3"]
     assert by_name["train_detr_dc5"].resources == {"gpu": 0, "mem_mb": 4000, "runtime": 10, "cpus_per_task": 2}
     plain = {st.name: st for st in stages.build_stages(stages.load_raw(str(TINY)), str(TINY))}

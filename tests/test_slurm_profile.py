@@ -118,7 +118,14 @@ def test_slurm_profile_submits_every_rule_with_its_resources_and_launches_torchr
     assert sorted((a[:2], a[a.index("effdetr.cli") + 1], a[a.index("--experiment") + 1]) for a in runs) == [
         (["--standalone", "--nproc_per_node=2"], "eval", "detr_dc5_ddp"),
         (["--standalone", "--nproc_per_node=2"], "train", "detr_dc5_ddp")], runs
-    direct = [c["argv"] for c in calls if c["cmd"] == "effdetr" and c["argv"][0] != "mlflow"]
+    # every GPU stage's command goes through the GPU pinning, which inside SLURM changes nothing
+    pinned = sorted((c["argv"][1], c["argv"][c["argv"].index("--experiment") + 1])
+                    for c in calls if c["cmd"] == "effdetr" and c["argv"][0] == "gpus")
+    assert pinned == [(str(st.resources["gpu"]), st.cmd[st.cmd.index("--experiment") + 1])
+                      for st in sorted(built.values(), key=lambda s: s.cmd[s.cmd.index("--experiment") + 1]
+                                       if "--experiment" in s.cmd else "")
+                      if st.resources["gpu"] and st.name in submitted], pinned
+    direct = [c["argv"] for c in calls if c["cmd"] == "effdetr" and c["argv"][0] not in ("mlflow", "gpus")]
     single = sorted(a[a.index("--experiment") + 1] for a in direct if "--experiment" in a)
     # train + eval of each, once: detr_dc5 directly, detr_dc5_ddp only through torchrun
     assert single == ["detr_dc5", "detr_dc5", "detr_dc5_ddp", "detr_dc5_ddp"]

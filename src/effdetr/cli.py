@@ -402,6 +402,13 @@ def cmd_bench(args) -> None:
         _write_json(result, args.out)
 
 
+def cmd_gpus(args) -> None:
+    """Run a command on GPUs of its own (``effdetr gpus N -- CMD``): see utils/gpu_slots.py."""
+    from .utils.gpu_slots import run_pinned
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    run_pinned(args.count, cmd)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effdetr", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -460,6 +467,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--warmup", type=int, default=5)
     sp.add_argument("--repeats", type=int, default=20)
     sp.add_argument("--out", default=None, help="also write the result as JSON")
+    sp = sub.add_parser("gpus", help="run a command on N GPUs no other job on this machine holds "
+                                     "(sets CUDA_VISIBLE_DEVICES; kept as it is inside SLURM or when set)")
+    sp.add_argument("count", type=int)
+    sp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command")
+    sp.set_defaults(fn=cmd_gpus)
     sp = add("mlflow", cmd_mlflow, "initialise the store / re-import and complete sidecar runs / rebuild a broken store")
     sp.add_argument("action", choices=["init", "sync", "rebuild"])
     return p

@@ -65,10 +65,20 @@ class Stage:
 
 def launch(args: list[str], resources: dict) -> list[str]:
     """The command of one stage: ``effdetr <args>``, or one process per GPU under torchrun
-    (single node, env:// rendezvous on a free port) when it asks for more than one GPU."""
-    if resources["gpu"] > 1:
-        return ["torchrun", "--standalone", f"--nproc_per_node={resources['gpu']}", "-m", "effdetr.cli", *args]
-    return ["effdetr", *args]
+    (single node, env:// rendezvous on a free port) when it asks for more than one GPU. A stage
+    with GPUs runs under ``effdetr gpus N --``, which gives it GPUs no other job on the machine
+    holds (Snakemake counts GPUs but does not assign them; see utils/gpu_slots.py)."""
+    gpu = resources["gpu"]
+    if gpu > 1:
+        cmd = ["torchrun", "--standalone", f"--nproc_per_node={gpu}", "-m", "effdetr.cli", *args]
+    else:
+        cmd = ["effdetr", *args]
+    return ["effdetr", "gpus", str(gpu), "--", *cmd] if gpu >= 1 else cmd
+
+
+def stage_command(cmd: list[str]) -> list[str]:
+    """A stage's command without its ``effdetr gpus N --`` GPU pinning."""
+    return cmd[4:] if cmd[:2] == ["effdetr", "gpus"] else cmd
 
 
 def lookup(raw: dict, dotted: str):

@@ -64,10 +64,15 @@ def effdetr(argv: list[str]) -> int:
     if argv[0] == "mlflow":
         return 0
     sys.path.insert(0, os.environ["EFFDETR_SRC"])
+    if argv[0] == "gpus":  # the real pinning, which inside a SLURM job runs CMD as it is
+        from effdetr.utils.gpu_slots import run_pinned
+        assert argv[2] == "--", argv
+        run_pinned(int(argv[1]), argv[3:])
     from effdetr import stages
     params = argv[argv.index("--params") + 1]
     for st in stages.build_stages(stages.load_raw(params), params):
-        args = st.cmd[1:] if st.cmd[0] == "effdetr" else st.cmd[st.cmd.index("effdetr.cli") + 1:]
+        cmd = stages.stage_command(st.cmd)
+        args = cmd[1:] if cmd[0] == "effdetr" else cmd[cmd.index("effdetr.cli") + 1:]
         if args == argv:
             for out in st.outs + st.metrics:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
