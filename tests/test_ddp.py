@@ -138,7 +138,7 @@ def test_single_process_takes_no_distributed_branch(tmp_path, tiny_data, monkeyp
 
     def boom(*a, **k):
         raise AssertionError("a distributed call in a single-process run")
-    for name in ("all_reduce", "all_gather_object", "barrier", "init_process_group"):
+    for name in ("all_reduce", "all_gather_object", "gather_object", "barrier", "init_process_group"):
         monkeypatch.setattr(tdist, name, boom)
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", boom)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -147,6 +147,23 @@ def test_single_process_takes_no_distributed_branch(tmp_path, tiny_data, monkeyp
     cfg = experiment_config(params, EXP)[0]
     result = train(cfg, str(tiny_data), str(tmp_path / "m.pt"), str(tmp_path / "w"), "h")
     assert len(result["history"]) == 1 and (tmp_path / "w/last.pt").exists()
+
+
+@pytest.mark.slow
+def test_single_process_numbers_are_bitwise_the_pre_ddp_ones(tmp_path, tiny_data):
+    """Three tiny trainings (DETR and focal criteria, an MTKD distillation) and an eval, run
+    now and by the commit before DDP (tests/data/golden_single_process.json): every logged
+    float and every final weight identical, where the recording's kernels are this machine's."""
+    from tests.golden_single_process import fingerprint, run_all
+    golden = json.loads((Path(__file__).parent / "data/golden_single_process.json").read_text())
+    if golden["fingerprint"] != fingerprint():
+        pytest.skip(f"golden numbers recorded with {golden['fingerprint']}, this machine is {fingerprint()}: "
+                    "other kernels round differently (rerecord: see tests/golden_single_process.py)")
+    now = run_all(Path(__file__).resolve().parents[1] / "src", tmp_path / "runs", tiny_data)
+    for exp, want in golden["runs"].items():
+        assert now["runs"][exp]["history"] == want["history"], exp
+        assert now["runs"][exp]["model_sha256"] == want["model_sha256"], exp
+    assert now["eval_detr_dc5"] == golden["eval_detr_dc5"]
 
 
 # --- 2 processes -------------------------------------------------------------------------
@@ -195,6 +212,24 @@ def test_ddp_training_leaves_one_mlflow_run_and_one_sidecar(ddp_runs):
     assert sidecars[0]["params"]["experiment.train.batch_size"] == "4"
     assert tracked["runs"] == [f"train-{EXP}"]
     assert json.loads((root / "ddp/train.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, msg", [
+    (lambda s: s["model"]["backbone"].update(freeze_bn=False), r"model\.backbone\.freeze_bn is false, but 2 processes"),
+    (lambda s: s["train"].update(lr_scaling={"rule": "sqrt", "base_batch": 2}),
+     r"train\.lr_scaling\.rule is 'sqrt', resolved for train\.gpus 0 \(one process\), but 2 processes"),
+])
+def test_multi_process_setups_a_global_batch_cannot_honour_are_refused(tmp_path, tiny_data, edit, msg):
+    """Trainable BN (per-rank statistics) and an LR rule resolved for one CPU process: both
+    fail on every rank before any data or model is built, and write nothing."""
+    p = write_params(tmp_path / "p.yaml", 2)
+    raw = yaml.safe_load(p.read_text())
+    edit(raw["profiles"]["synth"])
+    p.write_text(yaml.safe_dump(raw))
+    r = run(effdetr(2, *train_args(p, "out", tiny_data)), tmp_path)
+    assert r.returncode != 0 and re.search(msg, r.stderr), r.stderr[-3000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
 @pytest.mark.slow

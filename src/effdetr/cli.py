@@ -118,6 +118,13 @@ def _join_process_group(cfg):
         dist.shutdown()
         raise ValueError(f"train.lr_scaling.rule is {cfg.train.lr_scaling.rule!r}, resolved for train.gpus 0 "
                          f"(one process), but {world} processes were launched")
+    if world > 1 and not cfg.model.backbone.freeze_bn:
+        # each rank would normalise by its own share's statistics (and keep its own running
+        # ones): not the global batch a single process sees. The official code freezes BN.
+        dist.shutdown()
+        raise ValueError(f"model.backbone.freeze_bn is false, but {world} processes were launched: batch norm "
+                         "would use each process's share of the batch, not the global batch. Set "
+                         "freeze_bn: true (as the official DETR-family code does) or train in one process")
     return env
 
 

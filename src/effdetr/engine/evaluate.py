@@ -103,7 +103,7 @@ def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num
     loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     dets, ids, sec_per_img = predict(model, loader, device, amp)
     if world > 1:
-        shards = dist.all_gather((dets, ids, sec_per_img * len(ids)))
+        shards = dist.gather_to_main((dets, ids, sec_per_img * len(ids)))
         if not dist.is_main():
             return None
         dets = [d for s in shards for d in s[0]]

@@ -246,9 +246,9 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
 
     def snapshot(epoch, it):
         check_weights(f"before writing {state_path}")
-        rngs = dist.all_gather(rng_state())  # a collective: every rank snapshots at the same step
-        extra = {"world_size": world, "rng_ranks": rngs} if world > 1 else {}
+        rngs = dist.gather_to_main(rng_state())  # a collective: every rank snapshots at the same step
         if dist.is_main():
+            extra = {"world_size": world, "rng_ranks": rngs} if world > 1 else {}
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                          "distiller": distiller.state_dict() if distiller is not None else {},
                          "iter": it, "step": step, "history": history, "meters": meters, "rng": rngs[0],

@@ -98,21 +98,35 @@ def mean_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def average_gradients(params) -> None:
-    """All-reduce the gradients of parameters outside the DDP module (distillation adapters)."""
+    """All-reduce the gradients of parameters outside the DDP module (distillation adapters).
+
+    A parameter with no gradient on some rank (unused by its share of the batch) counts as a
+    zero there; one with no gradient on any rank keeps none, so the optimizer skips it exactly
+    as a single process would. Every rank makes the same calls in the same order."""
     if not is_distributed():
         return
-    for p in params:
-        if p.grad is not None:
-            tdist.all_reduce(p.grad)
-            p.grad /= tdist.get_world_size()
+    params = list(params)
+    if not params:
+        return
+    world = tdist.get_world_size()
+    device = params[0].device
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    tdist.all_reduce(has, op=tdist.ReduceOp.MAX)
+    for p, any_rank in zip(params, has.tolist()):
+        if not any_rank:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        tdist.all_reduce(p.grad)
+        p.grad /= world
 
 
-def all_gather(obj) -> list:
-    """Every rank's ``obj`` (any picklable), in rank order; ``[obj]`` without a process group."""
+def gather_to_main(obj) -> list | None:
+    """Every rank's ``obj`` in rank order on rank 0 (None elsewhere); ``[obj]`` without a group."""
     if not is_distributed():
         return [obj]
-    out = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj)
+    out = [None] * tdist.get_world_size() if is_main() else None
+    tdist.gather_object(obj, out, dst=0)
     return out
 
 
