@@ -354,3 +354,33 @@ def test_eval_shards_keep_the_one_process_batches(n, batch, world):
     shards = [eval_shard(n, batch, r, world) for r in range(world)]
     together = [s[i:i + batch] for s in shards for i in range(0, len(s), batch)]
     assert together == one and sorted(i for s in shards for i in s) == list(range(n))
+
+
+def _average_gradients_worker(rank: int, store_file: str, out: str) -> None:
+    import torch.distributed as tdist
+
+    from effdetr.utils import dist
+    tdist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    try:
+        used_by_0, unused, used_by_both = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+        if rank == 0:
+            used_by_0.grad = torch.tensor([2.0, 4.0, 6.0])
+        used_by_both.grad = torch.full((3,), float(rank + 1))
+        dist.average_gradients([used_by_0, unused, used_by_both])
+        torch.save({"used_by_0": used_by_0.grad, "unused": unused.grad, "used_by_both": used_by_both.grad},
+                   f"{out}.{rank}")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_adapter_gradients_unused_on_a_rank_average_as_zeros_there(tmp_path):
+    """Distillation adapters sit outside DDP: a parameter only rank 0's share used is averaged
+    with rank 1's zero (what one process over both shares would sum); one no rank used keeps
+    no gradient, so AdamW skips it as it would in one process."""
+    import torch.multiprocessing as mp
+    mp.spawn(_average_gradients_worker, args=(str(tmp_path / "store"), str(tmp_path / "g")), nprocs=2)
+    for rank in (0, 1):
+        g = torch.load(tmp_path / f"g.{rank}")
+        assert torch.equal(g["used_by_0"], torch.tensor([1.0, 2.0, 3.0]))
+        assert g["unused"] is None
+        assert torch.equal(g["used_by_both"], torch.full((3,), 1.5))
