@@ -384,3 +384,38 @@ def test_adapter_gradients_unused_on_a_rank_average_as_zeros_there(tmp_path):
         assert torch.equal(g["used_by_0"], torch.tensor([1.0, 2.0, 3.0]))
         assert g["unused"] is None
         assert torch.equal(g["used_by_both"], torch.full((3,), 1.5))
+
+
+def test_step_bench_ddp_wrapper_changes_no_number(tmp_path):
+    """`effdetr bench ddp --mode step` on the CPU: the wrapped and the plain step start from
+    the same weights and batch, so their first-step loss and gradient norm are identical
+    (a world-1 all-reduce is the identity), in fp32 and bf16; the figures are printed."""
+    out = tmp_path / "step.json"
+    r = subprocess.run([str(BIN / "effdetr"), "bench", "ddp", "--mode", "step", "--params", str(TINY),
+                        "--experiment", EXP, "--device", "cpu", "--warmup", "0", "--repeats", "1",
+                        "--out", str(out)], cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True,
+                       timeout=HANG_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"plain_fp32", "ddp_fp32", "plain_bf16", "ddp_bf16"}
+    for pr in ("fp32", "bf16"):
+        assert res["results"][f"ddp_{pr}"]["first_step"] == res["results"][f"plain_{pr}"]["first_step"], pr
+    assert res["results"]["plain_fp32"]["first_step"] != res["results"]["plain_bf16"]["first_step"]
+    assert "DDP / plain (fp32)" in r.stdout
+
+
+@pytest.mark.slow
+def test_procs_bench_runs_both_launches(tmp_path, tiny_data):
+    """`effdetr bench ddp` (procs): a 2-process and a 1-process training of the same global
+    batches, in a scratch folder; prints each one's img/s and the ratio."""
+    p = write_params(tmp_path / "p.yaml", 4)
+    out = tmp_path / "procs.json"
+    r = subprocess.run([str(BIN / "effdetr"), "bench", "ddp", "--params", str(p), "--experiment", EXP,
+                        "--data", str(tiny_data), "--repeats", "2", "--out", str(out)],
+                       cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=HANG_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert {k: (v["processes"], v["batch_per_process"], v["global_batch"]) for k, v in res["results"].items()} == {
+        "ddp": (2, 4, 8), "single": (1, 8, 8)}
+    assert all(v["images_per_s"] > 0 for v in res["results"].values()) and "processes vs 1" in r.stdout
+    assert not list(tmp_path.glob("mlruns")) and not (tmp_path / "work").exists()  # touched no real run

@@ -385,9 +385,44 @@ def cmd_mlflow(args) -> None:
     print(f"[mlflow] re-imported {len(imported)} runs from sidecars, completed {len(completed)} partial runs")
 
 
+def _bench_ddp(args) -> None:
+    from .evaluation import ddp_bench
+    if not args.experiment:
+        raise ValueError("bench ddp: --experiment is required")
+    if args.mode == "procs":
+        if not args.data:
+            raise ValueError("bench ddp --mode procs: --data (the dataset root) is required")
+        result = ddp_bench.run_ddp_benchmark(Path(args.params), args.experiment, Path(args.data),
+                                             nproc=args.nproc, iters=args.repeats)
+        for label, row in result["results"].items():
+            print(f"[bench ddp] {label}: {row['processes']} process(es) x batch {row['batch_per_process']}, "
+                  f"{row['steps']} steps, {row['images_per_s']:.2f} img/s")
+        print(f"[bench ddp] {args.nproc} processes vs 1 at global batch "
+              f"{result['results']['ddp']['global_batch']}: {result['speedup']:.2f}x")
+    else:
+        import torch
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        result = ddp_bench.run_step_benchmark(Path(args.params), args.experiment, profile=args.profile,
+                                              device=device, batch=args.batch, warmup=args.warmup,
+                                              iters=args.repeats)
+        print(f"[bench ddp] {result['experiment']} ({result['profile']}) on {result['device']}, batch "
+              f"{result['batch']} at {result['image_size'][0]}x{result['image_size'][1]}, random weights")
+        for label, row in result["results"].items():
+            print(f"  {label:12s} median {row['median_ms']:.1f} ms/step  {row['images_per_s']:.2f} img/s  "
+                  f"first-step loss {row['first_step']['loss']:.6f}")
+        for pr, ratio in result["ddp_over_plain"].items():
+            print(f"  DDP / plain ({pr}): {ratio:.3f}")
+    if args.out:
+        _write_json(result, args.out)
+
+
 def cmd_bench(args) -> None:
     """``msda``: MSDA core timing at DESIGN.md's anchor shape (reference vs Triton vs official
-    op). ``dag``: the whole workflow on a small params file, cold and up to date."""
+    op). ``dag``: the whole workflow on a small params file, cold and up to date. ``ddp``:
+    N processes vs 1 (``--mode procs``) or a one-device DDP step vs a plain one (``step``)."""
+    if args.op == "ddp":
+        _bench_ddp(args)
+        return
     if args.op == "dag":
         from .evaluation.dag_bench import run_dag_benchmark
         result = run_dag_benchmark(Path.cwd(), Path(args.dag_params), args.cores)
@@ -399,7 +434,7 @@ def cmd_bench(args) -> None:
     from .evaluation.msda_bench import run_benchmark
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = run_benchmark(device, batch=args.batch, warmup=args.warmup, repeats=args.repeats)
+    result = run_benchmark(device, batch=args.batch or 2, warmup=args.warmup, repeats=args.repeats)
     shape = result["shape"]
     print(f"[bench msda] {result['device']}: batch {shape['batch']}, {shape['tokens']} tokens, "
           f"{shape['heads']} heads x {shape['channels']}, {len(shape['levels'])} levels x {shape['points']} points, fp32")
@@ -466,13 +501,19 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="-")
     sp = add("bench", cmd_bench, "benchmark an op (msda: reference vs Triton vs the official CUDA op) "
                                  "or the workflow (dag: a cold snakemake run of a small params file)")
-    sp.add_argument("op", choices=["msda", "dag"])
+    sp.add_argument("op", choices=["msda", "dag", "ddp"])
+    sp.add_argument("--mode", choices=["procs", "step"], default="procs",
+                    help="ddp: N processes vs 1 (procs) or one device's DDP step vs plain (step)")
+    sp.add_argument("--experiment", default=None, help="ddp: the experiment to train")
+    sp.add_argument("--profile", default=None, help="ddp step: the profile (default: the params file's)")
+    sp.add_argument("--data", default=None, help="ddp procs: the dataset root")
+    sp.add_argument("--nproc", type=int, default=2, help="ddp procs: processes")
     sp.add_argument("--dag-params", default="tests/data/params_tiny.yaml", help="dag: the params file to run")
     sp.add_argument("--cores", type=int, default=2, help="dag: snakemake --cores")
     sp.add_argument("--device", default=None, help="cuda (default when present) or cpu")
-    sp.add_argument("--batch", type=int, default=2)
+    sp.add_argument("--batch", type=int, default=None, help="msda: 2; ddp step: the experiment's train.batch_size")
     sp.add_argument("--warmup", type=int, default=5)
-    sp.add_argument("--repeats", type=int, default=20)
+    sp.add_argument("--repeats", type=int, default=20, help="timed repeats (ddp procs: training steps)")
     sp.add_argument("--out", default=None, help="also write the result as JSON")
     sp = sub.add_parser("gpus", help="run a command on N GPUs no other job on this machine holds "
                                      "(sets CUDA_VISIBLE_DEVICES; kept as it is inside SLURM or when set)")
