@@ -24,7 +24,9 @@ def test_snakemake_rules_match_dvc_stages():
     r = snakemake("--list-rules")
     assert r.returncode == 0, r.stderr
     rules = {line.strip() for line in r.stdout.splitlines() if line.strip()} - {"all", "released"}
-    assert rules == set(dvc)
+    targets = {r for r in rules if r.startswith("paper_")}  # named targets, no command
+    assert targets == {"paper_act", "paper_detr", "paper_detrdistill", "paper_lite_detr", "paper_sparse_detr"}
+    assert rules - targets == set(dvc)
 
 
 def test_snakemake_plan_matches_dvc_commands_and_outputs():
@@ -270,17 +272,25 @@ def test_eval_only_act_rows_depend_on_their_init_checkpoint(tmp_path):
     assert producers(by_name)[CKPT.format("detr_dc5")] == "train_detr_dc5"
 
 
-def test_report_depends_on_every_metrics_file_it_reads(tmp_path):
-    """Each experiment's train/eval JSON, flops.json and speed.json is a report dep, so a rerun
-    of any of them rebuilds the tables. (The backbone's pretrain.json is not read by the
-    report; a new backbone reruns the trainings, whose metrics are deps.)"""
+def test_each_table_depends_on_exactly_the_metrics_files_it_reads(tmp_path):
+    """Every metrics file is some table's dep (so a rerun of any rebuilds its table), each
+    table's deps are its own rows' files only (a Lite DETR rerun rebuilds no ACT table), and
+    the index reads every table. (The backbone's pretrain.json is read by no table; a new
+    backbone reruns the trainings, whose metrics are deps.)"""
     by_name = synth_stages(tmp_path)
-    report = set(by_name["report"].deps)
-    metrics = {m for st in by_name.values() if st.name != "report" for m in st.metrics}
-    assert metrics - report == {"reports/metrics/backbone/pretrain.json"}
-    for m in ("reports/metrics/act_L16/eval.json", "reports/metrics/act_mtkd_L16/train.json",
-              "reports/metrics/detr_student_detrdistill_seed43/eval.json", "reports/metrics/flops.json",
-              "reports/metrics/speed.json"):
-        assert m in report, m
-    evals = {st.name.removeprefix("eval_") for st in by_name.values() if st.name.startswith("eval_")}
-    assert {f"reports/metrics/{n}/eval.json" for n in evals} <= report and len(evals) > 40
+    tables = {n: st for n, st in by_name.items() if n.startswith("table_")}
+    read = {d for st in tables.values() for d in st.deps if d.startswith("reports/metrics/")}
+    metrics = {m for st in by_name.values() for m in st.metrics}
+    assert metrics - read == {"reports/metrics/backbone/pretrain.json"}
+    act = {d for d in tables["table_act_main"].deps if d.startswith("reports/metrics/")}
+    assert {"reports/metrics/act_L16/eval.json", "reports/metrics/act_mtkd_L16/train.json",
+            "reports/metrics/detr_dc5/eval.json", "reports/metrics/detr_dc5_seed43/eval.json"} <= act
+    assert not {d for d in act if "lite" in d or "sparse" in d or "student" in d}, act
+    assert tables["table_flops"].deps[0] == "reports/metrics/flops.json"
+    assert "reports/metrics/speed.json" in tables["table_act_speed"].deps
+    for st in tables.values():  # and no table writes another's files
+        assert all(o.startswith(("reports/tables/", "reports/figures/")) for o in st.outs)
+    assert len({o for st in tables.values() for o in st.outs}) == sum(len(st.outs) for st in tables.values())
+    index = set(by_name["report"].deps)
+    assert {f"reports/tables/{n.removeprefix('table_')}.md" for n in tables} <= index
+    assert by_name["report"].outs == ["reports/README.md"]

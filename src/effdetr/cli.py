@@ -336,13 +336,29 @@ def cmd_speed(args) -> None:
 
 
 def cmd_report(args) -> None:
+    """``table --table T``: one paper table (its stage); ``index``: reports/README.md from the
+    tables built; ``all``: every table, then the index."""
     params, raw = C.load_params(args.params)
-    from .reporting.tables import build_reports
+    from .reporting.index import build_index, build_reports
+    from .reporting.plan import plan_tables
     from .tracking import Run
+    if args.what == "table" and not args.table:
+        raise ValueError("report table: --table is required (e.g. --table act_main)")
+    if args.what == "index":
+        print(f"[report] wrote {build_index(params, plan_tables(params), Path(args.out))}")
+        return
     phash = C.params_hash(raw)
-    with Run(params.tracking.experiment, "report", _tags("report", "all", "all", phash, profile=params.profile),
+    paper_scale = C.profile_config(args.params).data.dataset == "coco"
+    only = [args.table] if args.what == "table" else None
+    name = f"report-{args.table}" if only else "report"
+    table = args.table if only else "all"
+    paper = plan_tables(params)[args.table].paper_key if only and args.table in plan_tables(params) else "all"
+    with Run(params.tracking.experiment, name, _tags("report", paper, table, phash, profile=params.profile),
              {"profile": params.profile}) as run:
-        written = build_reports(params, raw, Path(args.metrics), Path(args.out), phash, run.run_id)
+        context = {"profile": params.profile, "params_hash": phash, "run_id": run.run_id}
+        written = build_reports(params, Path(args.metrics), Path(args.out), context, paper_scale, only)
+        if not only:
+            written.append(build_index(params, plan_tables(params), Path(args.out)))
         for path in written:
             run.log_artifact(path)
     print(f"[report] wrote {len(written)} files under {args.out}")
@@ -493,7 +509,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", required=True)
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--out", required=True)
-    sp = add("report", cmd_report, "regenerate reports/ from metrics")
+    sp = add("report", cmd_report, "regenerate reports/ from metrics: one table, the index, or all")
+    sp.add_argument("what", nargs="?", choices=["all", "table", "index"], default="all")
+    sp.add_argument("--table", default=None, help="report table: the table id (reports/tables/<id>.md)")
     sp.add_argument("--metrics", default="reports/metrics")
     sp.add_argument("--out", default="reports")
     sp = add("dag", cmd_dag, "render the stage table")

@@ -123,8 +123,8 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
 
     train_keys = [f"{prof_key}.{s}" for s in ("data", "input", "model", "loss", "train")]
     eval_keys = [f"{prof_key}.{s}" for s in ("data", "input", "model", "train", "eval")]
-    report_deps = []
-    for name, (source, exp) in sorted(expand_experiments(raw.get("experiments", {}), params_file).items()):
+    expanded = expand_experiments(raw.get("experiments", {}), params_file)
+    for name, (source, exp) in sorted(expanded.items()):
         if exp.get("profiles") and profile not in exp["profiles"]:
             continue  # e.g. released COCO checkpoints: nothing to run on SynthCOCO
         ckpt = f"data/checkpoints/{name}.pt"
@@ -151,7 +151,6 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 + COMMON_SRC
                                 + ([backbone_file] if "--backbone" in extra else []) + weights,
                                 outs=[ckpt], metrics=[metrics], heavy=True, threads=threads, resources=res))
-            report_deps.append(metrics)
         if "import" in stage_list:
             metrics = f"reports/metrics/{name}/import.json"
             imp = exp["import_checkpoint"]
@@ -164,7 +163,6 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 deps=source_dep + [f"{SRC}/convert", f"{SRC}/engine", f"{SRC}/data/download.py"]
                                 + MODEL_SRC + COMMON_SRC,
                                 outs=[ckpt], metrics=[metrics], heavy=True, groups=groups, resources=res))
-            report_deps.append(metrics)
         if "eval" in stage_list:
             metrics = f"reports/metrics/{name}/eval.json"
             weights = ckpt if ("train" in stage_list or "import" in stage_list) else f"data/checkpoints/{init}.pt"
@@ -176,7 +174,6 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 deps=[root, manifest, weights, f"{SRC}/engine", f"{SRC}/data", f"{SRC}/evaluation"]
                                 + MODEL_SRC + COMMON_SRC,
                                 metrics=[metrics], heavy=True, threads=threads, groups=groups, resources=res))
-            report_deps.append(metrics)
 
     if raw.get("flops", {}).get("models"):
         metrics = "reports/metrics/flops.json"
@@ -186,7 +183,6 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                             ["flops"] + coco_model,
                             deps=[f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC, metrics=[metrics], heavy=True,
                             resources=res))
-        report_deps.append(metrics)
 
     speed = raw.get("speed")
     if speed:
@@ -200,15 +196,42 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                             + [f"{prof_key}.{s}" for s in ("data", "input", "model", "train", "eval")],
                             deps=[root, manifest, weights, f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC,
                             metrics=[metrics], heavy=True, resources=res))
-        report_deps.append(metrics)
 
+    # one stage per paper table, reading exactly its rows' metrics; then the index of them all
+    from .config import Params, build
+    from .reporting.plan import plan_tables
+    plans = plan_tables(build(Params, raw, params_file, "params"))
+    table_files = []
+    for tid, plan in plans.items():
+        outs = [f"reports/tables/{tid}.md", f"reports/tables/{tid}.csv"] + [f"reports/figures/{f}" for f in plan.figures]
+        sources = sorted({expanded[n][0] for n in _plan_experiments(plan) if n in expanded})
+        keys = ["profile"] + [f"experiments.{src}" for src in sources]
+        keys += ["flops"] if plan.source == "flops" else ["speed"] if plan.source == "speed" else []
+        keys += ["seed_spread"] if plan.source == "eval" and raw.get("seed_spread") else []
+        res = stage_resources(raw, "report")
+        stages.append(Stage(f"table_{tid}",
+                            launch(["report", "table", "--table", tid, *p, "--metrics", "reports/metrics",
+                                    "--out", "reports"], res),
+                            keys, deps=list(plan.inputs) + [f"{SRC}/reporting"] + COMMON_SRC, outs=outs,
+                            groups=[f"paper_{plan.paper_key}"], resources=res))
+        table_files += outs[:2]
     res = stage_resources(raw, "report")
-    stages.append(Stage("report", launch(["report", *p, "--metrics", "reports/metrics", "--out", "reports"], res),
-                        ["profile", "experiments", "flops"] + (["speed"] if speed else [])
-                        + (["seed_spread"] if raw.get("seed_spread") else []),
-                        deps=report_deps + [f"{SRC}/reporting"] + COMMON_SRC,
-                        outs=["reports/README.md"], out_dirs=["reports/tables", "reports/figures"], resources=res))
+    stages.append(Stage("report", launch(["report", "index", *p, "--out", "reports"], res), ["profile"],
+                        deps=table_files + [f"{SRC}/reporting"] + COMMON_SRC, outs=["reports/README.md"],
+                        resources=res))
     return stages
+
+
+def _plan_experiments(plan) -> list[str]:
+    """The experiments whose params a table's stage reads (its rows, seeds and spread runs)."""
+    return [f.split("/")[2] for f in plan.inputs if f.count("/") == 3]
+
+
+def paper_targets(stages: list[Stage]) -> dict[str, list[str]]:
+    """``paper_<paper>`` (paper_act, paper_sparse_detr, ...) -> its tables' outputs: the named
+    targets that build one paper's tables and whatever they need."""
+    names = sorted({g for st in stages for g in st.groups if g.startswith("paper_")})
+    return {g: group_outputs(stages, g) for g in names}
 
 
 def group_outputs(stages: list[Stage], group: str) -> list[str]:

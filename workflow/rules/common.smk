@@ -6,6 +6,7 @@ RAW_PARAMS = effdetr_stages.load_raw(PARAMS_FILE)
 STAGES = effdetr_stages.build_stages(RAW_PARAMS, PARAMS_FILE)
 ALL_OUTPUTS = [o for st in STAGES for o in st.all_outputs()]
 RELEASED_OUTPUTS = effdetr_stages.group_outputs(STAGES, "released")
+PAPER_TARGETS = effdetr_stages.paper_targets(STAGES)
 # an in-place edit of the dataset moves its manifest's mtime: the stages reading it rerun
 effdetr_stages.refresh_data_manifest(RAW_PARAMS)
 

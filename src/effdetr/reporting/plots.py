@@ -73,3 +73,13 @@ def plot_tradeoff(series: dict[str, dict[str, tuple[float, float]]], xlabel: str
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def plot_placeholder(title: str, text: str, out: Path) -> None:
+    """A declared figure whose data is not there yet (so the table stage's outputs always exist)."""
+    fig, ax = plt.subplots(figsize=(6, 2.4), dpi=100)
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    fig.savefig(out)
+    plt.close(fig)

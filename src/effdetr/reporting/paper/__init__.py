@@ -9,7 +9,8 @@ Schema. Top level: ``paper`` (the citation) and ``tables`` (table id -> table). 
 optionally ``kind: flops`` and ``figure`` (``file``, ``x`` and ``y`` metrics, ``rows``,
 ``baselines`` among them). A row: ``label``, paper numbers under metric names of the table,
 ``claim`` or ``claims`` (see reporting/claims.py), ``seeds`` (the experiments averaged into
-the row), ``gain_vs`` (a row of the table) and ``profiles``. Claims compare with rows of the
+the row), ``gain_vs`` (a row of the table), ``ref`` (the row its changes are shown against, where
+not the nearest reference row above it) and ``profiles``. Claims compare with rows of the
 same table. No other keys: a typo is an error, never a silently empty cell.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..claims import KINDS, NEEDS_VS, TOLERANCES, claim_keys, row_claims
 TOP_KEYS = {"paper", "tables"}
 TABLE_KEYS = {"title", "protocol", "metrics", "rows", "kind", "figure"}
 TABLE_KINDS = {"flops"}
-ROW_KEYS = {"label", "claim", "claims", "seeds", "gain_vs", "profiles"}
+ROW_KEYS = {"label", "claim", "claims", "seeds", "gain_vs", "profiles", "ref"}
 FIGURE_KEYS = {"file", "x", "y", "rows", "baselines"}
 
 
@@ -130,6 +131,8 @@ def _check_table(table, tkey: str, err) -> None:
                 err(f"{rkey}.{k}", "expected a non-empty list of names")
         if "gain_vs" in row and (row["gain_vs"] not in rows or row["gain_vs"] == rk):
             err(f"{rkey}.gain_vs", f"{row['gain_vs']!r} is not another row of this table")
+        if "ref" in row and (row["ref"] not in rows or row["ref"] == rk):
+            err(f"{rkey}.ref", f"{row['ref']!r} is not another row of this table")
         if "claim" in row and "claims" in row:
             err(f"{rkey}.claims", "give `claim` (one) or `claims` (a list), not both")
         if "claims" in row and (not isinstance(row["claims"], list) or not row["claims"]):

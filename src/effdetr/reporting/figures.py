@@ -1,0 +1,48 @@
+"""The figures a table stage draws: the paper-vs-reproduced trade-off curve its paper YAML
+names, the training curves of its experiments, and ACT's prototypes per encoder layer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .plan import TablePlan
+from .values import read_json
+
+
+def table_figures(plan: TablePlan, reproduced: dict[str, dict], metrics_dir: Path, fig_dir: Path) -> list[Path]:
+    from .plots import plot_placeholder, plot_prototypes_per_layer, plot_tradeoff, plot_training_curves
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    spec = plan.spec
+    if spec.get("figure"):
+        fig = spec["figure"]
+        series = {"paper": {}, "reproduced": {}}
+        for key in fig["rows"]:
+            row = spec["rows"][key]
+            label = row.get("label", key)
+            if row.get(fig["x"]) is not None and row.get(fig["y"]) is not None:
+                series["paper"][label] = (row[fig["x"]], row[fig["y"]])
+            got = reproduced.get(key, {})
+            if got.get(fig["x"]) is not None and got.get(fig["y"]) is not None:
+                series["reproduced"][label] = (got[fig["x"]], got[fig["y"]])
+        baselines = tuple(spec["rows"][k].get("label", k) for k in fig.get("baselines", []))
+        out = fig_dir / fig["file"]
+        plot_tradeoff(series, fig["x"], fig["y"], spec["title"], out, baselines)
+        written.append(out)
+    for name in plan.curves:
+        tr = read_json(metrics_dir / name / "train.json")
+        if tr and tr.get("history"):
+            out = fig_dir / f"{name}_training.png"
+            plot_training_curves(tr["history"], f"{name}: training losses per epoch", out)
+            written.append(out)
+    layers = {n: ev["stats"] for n in plan.swaps
+              if (ev := read_json(metrics_dir / n / "eval.json")) and "prototypes_layer0" in ev["stats"]}
+    if layers:
+        out = fig_dir / "prototypes_per_layer.png"
+        plot_prototypes_per_layer(dict(sorted(layers.items())), out)
+        written.append(out)
+    for name in plan.figures:  # every declared figure exists, drawn or not
+        out = fig_dir / name
+        if out not in written:
+            plot_placeholder(name, "not run yet", out)
+            written.append(out)
+    return written
