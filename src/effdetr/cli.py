@@ -467,59 +467,82 @@ def cmd_gpus(args) -> None:
     run_pinned(args.count, cmd)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("effdetr")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "unknown (not installed)"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, except where there is none to show (required, or None)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effdetr", description=__doc__)
+    fmt = _HelpFormatter
+    p = argparse.ArgumentParser(prog="effdetr", description=__doc__, formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help_):
-        sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--params", default="params.yaml")
+        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=fmt)
+        sp.add_argument("--params", default="params.yaml", help="the params file (the single source of truth)")
         sp.set_defaults(fn=fn)
         return sp
 
     sp = add("data", cmd_data, "make/download a dataset, verify it, or record an edit in its manifest")
-    sp.add_argument("action", choices=["synth", "coco", "verify", "manifest"])
+    sp.add_argument("action", choices=["synth", "coco", "verify", "manifest"],
+                    help="synth: generate SynthCOCO; coco: download/link COCO 2017; verify: check it; "
+                         "manifest: record an in-place edit")
     sp.add_argument("--out", required=True, help="dataset root (its manifest is <root>.manifest.json)")
     for name, fn in (("train", cmd_train), ("eval", cmd_eval)):
         sp = add(name, fn, f"{name} one experiment")
-        sp.add_argument("--experiment", required=True)
-        sp.add_argument("--data", required=True)
+        sp.add_argument("--experiment", required=True, help="an experiment of params.yaml (swept ones by full name)")
+        sp.add_argument("--data", required=True, help="dataset root")
         if name == "train":
             sp.add_argument("--out", required=True, help="final model file")
-            sp.add_argument("--metrics", required=True)
+            sp.add_argument("--metrics", required=True, help="metrics JSON to write (history, final losses)")
             sp.add_argument("--work-root", default="data/work", help="resumable state (not a declared output)")
             sp.add_argument("--backbone", default=None, help="pretrained backbone file (backbone.pretrained: pipeline)")
             sp.add_argument("--init", default=None, help="model file to start from (experiment init_from)")
             sp.add_argument("--teacher", default=None, help="teacher model file (experiment distill.teacher)")
         else:
-            sp.add_argument("--checkpoint", required=True)
-            sp.add_argument("--out", required=True)
+            sp.add_argument("--checkpoint", required=True, help="model file to evaluate")
+            sp.add_argument("--out", required=True, help="metrics JSON to write (COCO stats, FLOPs, FPS)")
     sp = add("import", cmd_import, "convert a released official checkpoint into an effdetr model file")
     sp.add_argument("--experiment", required=True, help="an experiment with stages [import, eval]")
     sp.add_argument("--out", required=True, help="effdetr model file to write")
     sp.add_argument("--metrics", required=True, help="JSON record of the source file and its checksum")
     sp.add_argument("--releases", default="data/releases", help="where releases are downloaded to")
     sp = add("pretrain", cmd_pretrain, "pre-train the profile's backbone (stand-in for ImageNet)")
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--metrics", required=True)
+    sp.add_argument("--data", required=True, help="dataset root")
+    sp.add_argument("--out", required=True, help="backbone weights file to write")
+    sp.add_argument("--metrics", required=True, help="metrics JSON to write")
     sp = add("flops", cmd_flops, "paper-scale GFLOPs/params table")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="metrics JSON to write (flops.json)")
     sp = add("speed", cmd_speed, "time the encoder: dense vs clustered attention")
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--checkpoint", required=True)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--data", required=True, help="dataset root (its val images are timed)")
+    sp.add_argument("--checkpoint", required=True, help="the dense model file (ACT swaps its kernels)")
+    sp.add_argument("--out", required=True, help="metrics JSON to write (speed.json)")
     sp = add("report", cmd_report, "regenerate reports/ from metrics: one table, the index, or all")
-    sp.add_argument("what", nargs="?", choices=["all", "table", "index"], default="all")
+    sp.add_argument("what", nargs="?", choices=["all", "table", "index"], default="all",
+                    help="table: one table (--table); index: reports/README.md; all: every table, then the index")
     sp.add_argument("--table", default=None, help="report table: the table id (reports/tables/<id>.md)")
-    sp.add_argument("--metrics", default="reports/metrics")
-    sp.add_argument("--out", default="reports")
+    sp.add_argument("--metrics", default="reports/metrics", help="where the stages' metrics JSON files are")
+    sp.add_argument("--out", default="reports", help="reports folder (tables/, figures/, README.md)")
     sp = add("dag", cmd_dag, "render the stage table")
-    sp.add_argument("format", choices=["dvc", "list"])
-    sp.add_argument("--out", default="-")
-    sp = add("bench", cmd_bench, "benchmark an op (msda: reference vs Triton vs the official CUDA op) "
-                                 "or the workflow (dag: a cold snakemake run of a small params file)")
-    sp.add_argument("op", choices=["msda", "dag", "ddp"])
+    sp.add_argument("format", choices=["dvc", "list"], help="dvc: dvc.yaml; list: one stage per line")
+    sp.add_argument("--out", default="-", help="file to write; - for stdout")
+    sp = add("bench", cmd_bench, "benchmark an op (msda: reference vs Triton vs the official CUDA op), "
+                                 "the workflow (dag: a cold snakemake run of a small params file) or "
+                                 "data parallelism (ddp)")
+    sp.add_argument("op", choices=["msda", "dag", "ddp"], help="what to benchmark")
     sp.add_argument("--mode", choices=["procs", "step"], default="procs",
                     help="ddp: N processes vs 1 (procs) or one device's DDP step vs plain (step)")
     sp.add_argument("--experiment", default=None, help="ddp: the experiment to train")
@@ -530,16 +553,19 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--cores", type=int, default=2, help="dag: snakemake --cores")
     sp.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     sp.add_argument("--batch", type=int, default=None, help="msda: 2; ddp step: the experiment's train.batch_size")
-    sp.add_argument("--warmup", type=int, default=5)
+    sp.add_argument("--warmup", type=int, default=5, help="untimed repeats first")
     sp.add_argument("--repeats", type=int, default=20, help="timed repeats (ddp procs: training steps)")
     sp.add_argument("--out", default=None, help="also write the result as JSON")
     sp = sub.add_parser("gpus", help="run a command on N GPUs no other job on this machine holds "
-                                     "(sets CUDA_VISIBLE_DEVICES; kept as it is inside SLURM or when set)")
-    sp.add_argument("count", type=int)
+                                     "(sets CUDA_VISIBLE_DEVICES; kept as it is inside SLURM or when set)",
+                        formatter_class=fmt)
+    sp.add_argument("count", type=int, help="GPUs to hold")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command")
     sp.set_defaults(fn=cmd_gpus)
     sp = add("mlflow", cmd_mlflow, "initialise the store / re-import and complete sidecar runs / rebuild a broken store")
-    sp.add_argument("action", choices=["init", "sync", "rebuild"])
+    sp.add_argument("action", choices=["init", "sync", "rebuild"],
+                    help="init: create the store; sync: re-import sidecars; rebuild: move a broken store aside "
+                         "and re-import")
     return p
 
 

@@ -34,6 +34,7 @@ from ..models import build_model
 from ..models.backbone import load_backbone_weights
 from ..models.criterion import build_criterion
 from ..utils import dist
+from ..utils.progress import Progress, format_epoch
 from ..utils.repro import resolve_device, rng_state, seed_everything, set_rng_state
 from .checkpoint import (
     build_trained_model,
@@ -142,23 +143,6 @@ def lr_factor(cfg, epoch: int, step: int) -> float:
     """Linear warm-up over ``warmup_iters`` global steps, x0.1 from epoch ``lr_drop``."""
     warm = min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters else 1.0
     return warm * (0.1 if epoch >= cfg.lr_drop else 1.0)
-
-
-class Progress:
-    """tqdm-like bar on a TTY, one-line periodic logs otherwise (SLURM-friendly)."""
-
-    def __init__(self, every_s: float):
-        self.every_s, self.last = every_s, 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, epoch: int, it: int, total: int, loss: float, lr: float, ips: float):
-        now = time.time()
-        msg = f"epoch {epoch} iter {it}/{total} loss {loss:.4f} lr {lr:.2e} {ips:.1f} img/s"
-        if self.tty:
-            print("\r" + msg, end="", file=sys.stderr, flush=True)
-        elif now - self.last >= self.every_s or it == total:
-            print(msg, flush=True)
-            self.last = now
 
 
 def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=None,
@@ -274,6 +258,8 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
         model.train()
         t_epoch, seen = time.time(), 0
         it = start_iter if epoch == start_epoch else 0
+        if dist.is_main():
+            progress.start_epoch(epoch, it, iters_per_epoch)
         if it == 0:
             meters = {}
         for images, masks, targets in loader:
@@ -318,7 +304,7 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
                 s, n = meters.get(k, (0.0, 0))
                 meters[k] = (s + v, n + 1)
             if dist.is_main():
-                progress.update(epoch, it, iters_per_epoch, total_g.item(), optimizer.param_groups[0]["lr"],
+                progress.update(it, total_g.item(), optimizer.param_groups[0]["lr"],
                                 seen / max(time.time() - t_epoch, 1e-9))
             if it % t.checkpoint_every_iters == 0 and it < iters_per_epoch:
                 snapshot(epoch, it)
@@ -326,10 +312,8 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
         epoch_metrics.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], epoch_seconds=time.time() - t_epoch)
         history.append(epoch_metrics)
         if dist.is_main():
-            if progress.tty:
-                print(file=sys.stderr)
-            print(f"[train] epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items()),
-                  flush=True)
+            progress.close()
+            print(f"[train] epoch {epoch}: {format_epoch(epoch_metrics)}", flush=True)
         if run is not None:
             run.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch)
         start_iter, meters = 0, {}
