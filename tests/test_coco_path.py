@@ -82,6 +82,11 @@ def coco_params(tmp_path, coco_root, ckpt):
     prof["train"].update(epochs=1, lr_drop=1, batch_size=2, num_workers=0, device="cpu", log_every_s=0.0,
                          checkpoint_every_iters=1, max_iters_per_epoch=2, amp=False)
     prof["eval"].update(num_workers=0, flops_images=1, fps_iters=1, fps_warmup=0, fps_batch_sizes=[1])
+    # one CPU process: the profile's 8-GPU trainings (and any experiment's own GPU count) off
+    prof["train"]["gpus"] = 0
+    for exp in raw["experiments"].values():
+        exp.get("profile_overrides", {}).get("coco", {}).get("train", {}).pop("gpus", None)
+        exp.get("overrides", {}).get("train", {}).pop("gpus", None)
     raw["experiments"]["detr_dc5_official"]["import_checkpoint"] = {"format": "detr", "file": str(ckpt)}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
