@@ -35,13 +35,14 @@ def start(tmp_path: Path, name: str, n: int, env: dict) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
 
 
-def seen(tmp_path: Path, name: str, timeout: float = 60.0) -> str:
+def seen(tmp_path: Path, name: str, polls: int = 1200) -> str:
+    """What the job saw, once it runs (a hang guard of ``polls`` x 50 ms, not a speed check)."""
     f = tmp_path / f"{name}.seen"
-    end = time.time() + timeout
-    while not f.exists() or not f.read_text():
-        assert time.time() < end, f"{name} never started"
+    for _ in range(polls):
+        if f.exists() and f.read_text():
+            return f.read_text()
         time.sleep(0.05)
-    return f.read_text()
+    pytest.fail(f"{name} never started")
 
 
 def stop(tmp_path: Path, name: str, proc: subprocess.Popen) -> None:
