@@ -89,12 +89,16 @@ def run_all(src: Path, work: Path, data: Path) -> dict:
              "--out", str(work / exp / "model.pt"), "--metrics", str(work / exp / "train.json"),
              "--work-root", str(work / "state"), *extra)
         m = json.loads((work / exp / "train.json").read_text())
-        history = [{k: v for k, v in e.items() if not k.endswith("_seconds")} for e in m["history"]]  # wall time
+        # the history: in train.json before metrics files held numbers only, now beside it
+        hist_file = work / exp / "train_history.json"
+        raw_history = json.loads(hist_file.read_text()) if hist_file.exists() else m["history"]
+        history = [{k: v for k, v in e.items() if not k.endswith("_seconds")} for e in raw_history]  # wall time
         out["runs"][exp] = {"history": _floats(history), "model_sha256": _model_sha(work / exp / "model.pt")}
     call("eval", "--params", str(params), "--experiment", "detr_dc5", "--data", str(data),
          "--checkpoint", str(work / "detr_dc5/model.pt"), "--out", str(work / "detr_dc5/eval.json"))
     ev = json.loads((work / "detr_dc5/eval.json").read_text())
-    out["eval_detr_dc5"] = _floats({k: v for k, v in ev["stats"].items() if k.startswith(("AP", "AR"))})
+    stats = ev.get("stats", ev)  # under "stats" before metrics files held numbers only
+    out["eval_detr_dc5"] = _floats({k: v for k, v in stats.items() if k.startswith(("AP", "AR"))})
     return out
 
 

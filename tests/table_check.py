@@ -48,7 +48,7 @@ def reproduced_value(metrics_dir: Path, source: str, key: str, metric: str):
     path = metrics_dir / key / "eval.json"
     if not path.exists():
         return NO_VALUE
-    stats = json.loads(path.read_text())["stats"]
+    stats = json.loads(path.read_text())
     if metric in PERCENT:
         return None if stats.get(metric) is None else 100 * stats[metric]
     if metric.startswith("gflops_"):

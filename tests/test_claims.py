@@ -103,8 +103,8 @@ def test_seed_rows_average_with_sample_sd_and_gains_use_the_means(tmp_path):
     from effdetr.reporting.values import add_gains, seed_values
     for name, ap in (("s1", 0.30), ("s2", 0.34), ("d1", 0.35), ("d2", 0.37)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "eval.json").write_text(json.dumps({"stats": {"AP": ap, "gmacs_total": 1.5},
-                                                               "provenance": {"git": {}}}))
+        (tmp_path / name / "eval.json").write_text(json.dumps({"AP": ap, "gmacs_total": 1.5}))
+        (tmp_path / name / "eval.provenance.json").write_text(json.dumps({"provenance": {"git": {}}}))
     base, prov = seed_values(tmp_path, ["s1", "s2"])
     assert base["AP"] == pytest.approx(32.0) and base["AP_sd"] == pytest.approx(2 * 2 ** 0.5)
     assert base["seeds"] == 2 and len(prov) == 2
@@ -149,7 +149,7 @@ def test_family_spread_is_measured_from_its_runs_and_named_under_the_table(tmp_p
     from effdetr.reporting.values import seed_spreads
     for name, ap in (("base", 0.300), ("base_s2", 0.312), ("fast", 0.295)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "eval.json").write_text(json.dumps({"stats": {"AP": ap}, "provenance": {"git": {}}}))
+        (tmp_path / name / "eval.json").write_text(json.dumps({"AP": ap}))
     spreads = seed_spreads(tmp_path, {"fam": ["base", "base_s2"], "later": ["fast", "not_run"]})
     assert spreads["fam"]["AP"] == pytest.approx(1.2) and "later" not in spreads
     spec = {"metrics": ["AP"], "rows": {"base": {"label": "B", "claims": ["reference"]},

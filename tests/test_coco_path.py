@@ -111,18 +111,20 @@ def test_coco_profile_commands_on_a_fabricated_coco_tree(tmp_path, monkeypatch, 
     assert (data / "val2017").is_dir()
     assert main(["import", *p, "--experiment", "detr_dc5_official", "--out", "data/checkpoints/detr_dc5_official.pt",
                  "--metrics", str(metrics / "detr_dc5_official" / "import.json")]) == 0
-    imported = json.loads((metrics / "detr_dc5_official" / "import.json").read_text())["imported_from"]
+    imported = json.loads((metrics / "detr_dc5_official" / "import.provenance.json").read_text())["imported_from"]
     assert imported["format"] == "detr" and imported["epoch"] == 499 and len(imported["sha256"]) == 64
     assert main(["eval", *p, "--experiment", "detr_dc5_official", "--data", str(data),
                  "--checkpoint", "data/checkpoints/detr_dc5_official.pt",
                  "--out", str(metrics / "detr_dc5_official" / "eval.json")]) == 0
     ev = json.loads((metrics / "detr_dc5_official" / "eval.json").read_text())
-    assert ev["stats"]["num_images"] == 5 and ev["precision"] == "fp32" and 0.0 <= ev["stats"]["AP"] <= 1.0
+    rec = json.loads((metrics / "detr_dc5_official" / "eval.provenance.json").read_text())
+    assert ev["num_images"] == 5 and rec["precision"] == "fp32" and 0.0 <= ev["AP"] <= 1.0
 
     assert main(["train", *p, "--experiment", "detr_dc5", "--data", str(data), "--out", "data/checkpoints/detr_dc5.pt",
                  "--metrics", str(metrics / "detr_dc5" / "train.json"), "--work-root", "data/work"]) == 0
     tr = json.loads((metrics / "detr_dc5" / "train.json").read_text())
-    assert np.isfinite(tr["final"]["train_loss"]) and len(tr["history"]) == 1
+    history = json.loads((metrics / "detr_dc5" / "train_history.json").read_text())
+    assert np.isfinite(tr["train_loss"]) and len(history) == 1
     assert main(["eval", *p, "--experiment", "detr_dc5", "--data", str(data), "--checkpoint",
                  "data/checkpoints/detr_dc5.pt", "--out", str(metrics / "detr_dc5" / "eval.json")]) == 0
 
@@ -133,7 +135,7 @@ def test_coco_profile_commands_on_a_fabricated_coco_tree(tmp_path, monkeypatch, 
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     ap = 1 + 2 * load_paper_tables()["act_main"]["metrics"].index("AP")
     # at the paper's own scale ours reads "value (reproduced - paper)"
-    assert cells[ap] == "43.30" and float(cells[ap + 1].split()[0]) == pytest.approx(100 * ev["stats"]["AP"], abs=0.006)
+    assert cells[ap] == "43.30" and float(cells[ap + 1].split()[0]) == pytest.approx(100 * ev["AP"], abs=0.006)
     assert check_table_cells(table, metrics, load_paper_tables()["act_main"], paper_scale=True) == {
         "DETR-DC5 (released checkpoint)": "detr_dc5_official", "DETR-DC5": "detr_dc5"}
     print(f"[coco path] fabricated-COCO run: {time.time() - t0:.1f} s")

@@ -5,7 +5,7 @@ import subprocess
 import yaml
 
 from effdetr import stages
-from tests.conftest import BIN, REPO
+from tests.conftest import BIN, REPO, planned_stages
 
 
 def snakemake(*args, cwd=REPO):
@@ -19,14 +19,22 @@ def test_committed_dvc_yaml_is_fresh():
         "dvc.yaml is stale: run `effdetr dag dvc --out dvc.yaml`"
 
 
-def test_snakemake_rules_match_dvc_stages():
+def test_snakemake_rules_are_the_stage_kinds_and_their_jobs_the_dvc_stages():
+    """A handful of rules (one per kind of stage, the experiment or table as wildcard), whose
+    jobs are exactly dvc.yaml's stages; the rule graph has one node per rule."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     r = snakemake("--list-rules")
     assert r.returncode == 0, r.stderr
     rules = {line.strip() for line in r.stdout.splitlines() if line.strip()} - {"all", "released"}
     targets = {r for r in rules if r.startswith("paper_")}  # named targets, no command
     assert targets == {"paper_act", "paper_detr", "paper_detrdistill", "paper_lite_detr", "paper_sparse_detr"}
-    assert rules - targets == set(dvc)
+    assert rules - targets == {"data", "pretrain", "train", "eval", "flops", "speed", "table", "report"}
+    plan = snakemake("-n", "--forceall", "--cores", "2", "all")
+    assert plan.returncode == 0, plan.stderr
+    assert set(planned_stages(plan.stdout)) - {"all"} == set(dvc)
+    graph = snakemake("--rulegraph", "--forceall", "--cores", "2", "all")
+    assert graph.returncode == 0, graph.stderr
+    assert len(re.findall(r"label = \"", graph.stdout)) == 9  # the 8 kinds + all
 
 
 def test_snakemake_plan_matches_dvc_commands_and_outputs():
@@ -94,10 +102,10 @@ def test_experiment_threads_reach_its_train_and_eval_stages(tmp_path):
     by_name = {st.name: st for st in stages.build_stages(stages.load_raw(params))}
     assert by_name["train_sparse_detr_rho0p1"].threads == 1 and by_name["eval_sparse_detr_rho0p1"].threads == 1
     assert by_name["train_detr_dc5"].threads is None and by_name["train_detr_dc5"].heavy
-    r = snakemake("-n", "--forceall", "--cores", "2", "train_sparse_detr_rho0p1", "train_detr_dc5",
-                  "--config", f"params={params}")
+    r = snakemake("-n", "--forceall", "--cores", "2", "data/checkpoints/sparse_detr_rho0p1.pt",
+                  "data/checkpoints/detr_dc5.pt", "--config", f"params={params}")
     assert r.returncode == 0, r.stderr
-    blocks = {b.split(":", 1)[0]: b for b in r.stdout.split("rule ")[1:]}
+    blocks = planned_stages(r.stdout)
     assert "threads: 2" in blocks["train_detr_dc5"]  # Snakemake prints threads only above 1
     assert "threads:" not in blocks["train_sparse_detr_rho0p1"]
 
@@ -122,7 +130,7 @@ def test_released_target_plans_only_the_imports_and_their_evaluations(tmp_path):
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     r = snakemake("released", "-n", "--forceall", "--config", f"params={params}")
     assert r.returncode == 0, r.stderr
-    jobs = set(re.findall(r"^rule (\w+):", r.stdout, flags=re.M)) - {"released"}
+    jobs = set(planned_stages(r.stdout)) - {"released"}
     expanded = stages.expand_experiments(raw["experiments"], "p")
     imported = {n for n, (_, e) in expanded.items() if "import" in e["stages"]}
     derived = {n for n, (_, e) in expanded.items() if e.get("init_from") in imported}
@@ -131,7 +139,7 @@ def test_released_target_plans_only_the_imports_and_their_evaluations(tmp_path):
     assert not any(j.startswith("train_") for j in jobs) and "eval_act_official_L16" in jobs
     synth = snakemake("released", "-n", "--forceall")
     assert synth.returncode == 0, synth.stderr
-    assert set(re.findall(r"^rule (\w+):", synth.stdout, flags=re.M)) <= {"released"}  # empty on SynthCOCO
+    assert set(planned_stages(synth.stdout)) <= {"released"}  # empty on SynthCOCO
 
 
 def test_stages_that_read_the_data_depend_on_its_manifest():
@@ -188,7 +196,7 @@ def test_in_place_data_edit_reruns_the_stages_that_read_it(workdir):
     ann.write_text(json.dumps(doc))
     r = snakemake("-n", "--cores", "1", "all", cwd=workdir)
     assert r.returncode == 0, r.stderr
-    jobs = set(re.findall(r"^rule (\w+):", r.stdout, flags=re.M))
+    jobs = set(planned_stages(r.stdout))
     readers = {st.name for st in built if "--data" in st.cmd}
     assert readers <= jobs and "data" not in jobs, jobs
     assert "annotations/instances_train.json" in r.stderr  # told why
@@ -207,7 +215,7 @@ def test_a_killed_job_reruns_instead_of_blocking_the_dag(workdir):
     marker.write_text("")
     r = snakemake("-n", "--cores", "1", "all", cwd=workdir)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "train_detr_dc5" in set(re.findall(r"^rule (\w+):", r.stdout, flags=re.M))
+    assert "train_detr_dc5" in set(planned_stages(r.stdout))
 
 
 # -- what the DAG means: each stage waits for the files its command reads --------------------

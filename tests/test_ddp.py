@@ -77,7 +77,7 @@ def run(cmd, root) -> subprocess.CompletedProcess:
 
 
 def losses(root: Path, out: str) -> list[float]:
-    return [e["train_loss"] for e in json.loads((root / out / "train.json").read_text())["history"]]
+    return [e["train_loss"] for e in json.loads((root / out / "train_history.json").read_text())]
 
 
 def weights(root: Path, out: str) -> dict:
@@ -211,7 +211,7 @@ def test_ddp_training_leaves_one_mlflow_run_and_one_sidecar(ddp_runs):
     assert [(s["run_name"], s["status"]) for s in sidecars] == [(f"train-{EXP}", "FINISHED")]
     assert sidecars[0]["params"]["experiment.train.batch_size"] == "4"
     assert tracked["runs"] == [f"train-{EXP}"]
-    assert json.loads((root / "ddp/train.json").read_text())["world_size"] == 2
+    assert json.loads((root / "ddp/train.provenance.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.slow
@@ -251,7 +251,7 @@ def test_distributed_eval_gives_the_single_process_stats(ddp_runs, tiny_data):
         r = run(effdetr(n, "eval", "--params", str(p2), "--experiment", EXP, "--data", str(tiny_data),
                         "--checkpoint", "ddp/model.pt", "--out", f"eval{n}.json"), root)
         require(r.returncode == 0, r.stdout + r.stderr)
-        stats[n] = json.loads((root / f"eval{n}.json").read_text())["stats"]
+        stats[n] = json.loads((root / f"eval{n}.json").read_text())
     timing = {"sec_per_image"}
     assert {k: v for k, v in stats[2].items() if k not in timing} == \
         {k: v for k, v in stats[1].items() if k not in timing}
@@ -338,7 +338,7 @@ def test_ddp_kill_and_resume_matches_uninterrupted(tmp_path, tiny_data):
     require(r.returncode == 0, r.stdout + r.stderr)
     require(re.search(r"resuming from \S+: epoch 1 iter [123]\n", r.stdout), r.stdout)
     strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
-    hist = lambda out: strip(json.loads((tmp_path / out / "train.json").read_text())["history"])  # noqa: E731
+    hist = lambda out: strip(json.loads((tmp_path / out / "train_history.json").read_text()))  # noqa: E731
     assert hist("res") == hist("ref")
     a, b = weights(tmp_path, "ref"), weights(tmp_path, "res")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN, TINY
+from tests.conftest import BIN, TINY, planned_stages
 from tests.table_check import check_table_cells
 
 
@@ -30,24 +30,14 @@ def smk(*args, **kw):
 
 
 def planned_jobs(out: str) -> set[str]:
-    """Rule names from a dry run's 'Job stats' table."""
-    jobs, in_table = set(), False
-    for line in out.splitlines():
-        if line.startswith("job ") or line.startswith("job\t"):
-            in_table = True
-            continue
-        if in_table:
-            parts = line.split()
-            if not parts or parts[0] == "total":
-                break
-            if not parts[0].startswith("-"):
-                jobs.add(parts[0])
-    return jobs - {"all"}
+    """The stages (dvc.yaml names: train_detr_dc5, table_act_main, ...) a dry run plans."""
+    return set(planned_stages(out)) - {"all"}
 
 
 def write_eval(metrics_dir: Path, name: str, stats: dict) -> None:
     (metrics_dir / name).mkdir(parents=True, exist_ok=True)
-    (metrics_dir / name / "eval.json").write_text(json.dumps({"stats": stats, "provenance": {"git": {}}}))
+    (metrics_dir / name / "eval.json").write_text(json.dumps(stats))  # as the eval stage writes it
+    (metrics_dir / name / "eval.provenance.json").write_text(json.dumps({"provenance": {"git": {}}}))
 
 
 HAND_SPEC = {"title": "Hand-made table", "metrics": ["AP", "APs", "gflops_encoder", "encoder_tokens"],
@@ -269,30 +259,30 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     assert flops[0] == ("model,row,metric,paper,reproduced,reference,paper_change,reproduced_change,"
                         "reproduced_minus_paper,claim")
     assert (workdir / "reports/README.md").exists()
-    assert (workdir / "reports/figures/detr_dc5_training.png").stat().st_size > 1000
+    assert (workdir / "reports/figures/act_main/detr_dc5_training.png").stat().st_size > 1000
     ev = json.loads((workdir / "reports/metrics/detr_dc5/eval.json").read_text())
-    assert 0.0 <= ev["stats"]["AP"] <= 1.0 and ev["stats"]["gmacs_total"] > 0
+    assert 0.0 <= ev["AP"] <= 1.0 and ev["gmacs_total"] > 0
     # ACT: the swap evaluates the teacher's weights, counts prototypes per layer, and
     # every ACT table and figure is written.
-    act16 = json.loads((workdir / "reports/metrics/act_L16/eval.json").read_text())["stats"]
-    act32 = json.loads((workdir / "reports/metrics/act_L32/eval.json").read_text())["stats"]
+    act16 = json.loads((workdir / "reports/metrics/act_L16/eval.json").read_text())
+    act32 = json.loads((workdir / "reports/metrics/act_L32/eval.json").read_text())
     assert 1 <= act16["prototypes_layer0"] <= act32["prototypes_layer0"] <= act16["encoder_tokens"]
     assert act16["gmacs_encoder"] <= act32["gmacs_encoder"]
     assert "| ACT (L=16) | 45.00 (-28.40) | " in table and "| ACT+MTKD (L=16) | 45.10 (-28.30) | " in table
     for name in ("act_kmeans", "act_speed"):
         assert "MLflow run id" in (workdir / f"reports/tables/{name}.md").read_text()
-    assert (workdir / "reports/figures/prototypes_per_layer.png").stat().st_size > 1000
+    assert (workdir / "reports/figures/act_main/prototypes_per_layer.png").stat().st_size > 1000
     # Deformable / Sparse DETR: sparse encoder keeps fewer tokens and costs less; FPS measured;
     # the Sparse DETR tables (main, paper-scale FLOPs) and the AP-vs-GFLOPs figure exist.
-    sp = json.loads((workdir / "reports/metrics/sparse_detr_rho0p3/eval.json").read_text())["stats"]
-    dd = json.loads((workdir / "reports/metrics/deformable_detr_topk/eval.json").read_text())["stats"]
+    sp = json.loads((workdir / "reports/metrics/sparse_detr_rho0p3/eval.json").read_text())
+    dd = json.loads((workdir / "reports/metrics/deformable_detr_topk/eval.json").read_text())
     assert sp["encoder_kept_tokens"] < sp["encoder_tokens"] == dd["encoder_tokens"]
     assert sp["gmacs_encoder"] < dd["gmacs_encoder"] and sp["fps_b1"] > 0
     sparse_table = (workdir / "reports/tables/sparse_main.md").read_text()
     assert "| Sparse DETR (rho=0.3) | 46.00 (±0) | " in sparse_table
     assert "sparse_detr_r50_rho0p1" in (workdir / "reports/metrics/flops.json").read_text()
     assert "[[72, 88]]" in (workdir / "reports/tables/sparse_flops.md").read_text()
-    assert (workdir / "reports/figures/sparse_ap_vs_gflops.png").stat().st_size > 1000
+    assert (workdir / "reports/figures/sparse_main/sparse_ap_vs_gflops.png").stat().st_size > 1000
     # Every table, cell by cell: reproduced = its metrics file, verdicts are verdicts.
     from effdetr.reporting.paper import load_paper_tables
     specs = load_paper_tables()
@@ -316,6 +306,15 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
 
     # Up to date: nothing planned (how long a dry run takes is `effdetr bench dag`'s figure).
     assert planned_jobs(smk("-n").stdout) == set()
+    # Snakemake's own records: a benchmark per job, summarised in the index; the HTML report
+    # holds every table and figure
+    assert (workdir / "logs/benchmarks/train_detr_dc5.tsv").exists()
+    index = (workdir / "reports/README.md").read_text()
+    assert "## Runtime and memory per job" in index and "| train | 5 |" in index
+    smk("--report", "report.html")
+    html = (workdir / "report.html").read_text(errors="replace")
+    for name in list(TINY_TABLES) + ["sparse_ap_vs_gflops.png", "prototypes_per_layer.png"]:
+        assert name in html, name
 
     # DVC records the state, then a one-experiment edit touches only that experiment's stages.
     run("git", "init", "-q")
@@ -361,7 +360,7 @@ def test_one_table_or_one_paper_plans_only_what_it_needs(workdir):
     plans ACT's tables and the DETR-DC5 teacher they read, nothing of Sparse DETR."""
     shutil.copy(TINY, workdir / "params.yaml")
     sparse = planned_jobs(smk("-n", "reports/tables/sparse_main.md").stdout)
-    assert sparse == {"data", "pretrain_backbone", "train_deformable_detr_topk", "eval_deformable_detr_topk",
+    assert sparse == {"data", "pretrain", "train_deformable_detr_topk", "eval_deformable_detr_topk",
                       "train_sparse_detr_rho0p3", "eval_sparse_detr_rho0p3", "table_sparse_main"}
     act = planned_jobs(smk("-n", "paper_act").stdout)
     assert {"table_act_main", "table_act_kmeans", "table_act_speed", "train_detr_dc5", "eval_act_L16",

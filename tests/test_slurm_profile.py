@@ -97,11 +97,13 @@ def test_slurm_profile_submits_every_rule_with_its_resources_and_launches_torchr
     calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
     submitted = {}
     for c in (c for c in calls if c["cmd"] == "sbatch"):
-        rule = re.search(r"--comment '?rule_(\w+?)'?(\s|$)", " ".join(c["argv"])).group(1)
-        submitted[rule] = sbatch_flags(c["argv"])
+        # the plugin's comment: rule_<rule>[_wildcards_<value>]; the stage is <rule>_<value>
+        comment = re.search(r"--comment '?rule_(\S+?)'?(\s|$)", " ".join(c["argv"])).group(1)
+        rule, _, value = comment.partition("_wildcards_")
+        submitted[f"{rule}_{value}" if value else rule] = sbatch_flags(c["argv"])
     heavy = {name for name, st in built.items() if st.heavy}
     assert heavy <= set(submitted), f"not submitted: {heavy - set(submitted)}"
-    assert {"train_detr_dc5_ddp", "eval_detr_dc5_ddp", "pretrain_backbone"} <= heavy
+    assert {"train_detr_dc5_ddp", "eval_detr_dc5_ddp", "pretrain"} <= heavy
     for name in submitted:
         res = built[name].resources
         want = {"gpus": str(res["gpu"]) if res["gpu"] else None, "mem": str(res["mem_mb"]),

@@ -22,6 +22,24 @@ def _write_json(obj, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def _write_record(path: str | Path, metrics: dict, record: dict, history: list | None = None) -> None:
+    """A stage's metrics (numbers only) to ``path``; what made them to its provenance sidecar;
+    a training's per-epoch history to its history file (utils/records.py)."""
+    from .utils.records import history_path, provenance_path
+    if history is not None:
+        _write_json(history, history_path(path))
+    _write_json(record, provenance_path(path))
+    _write_json(metrics, path)  # last: the file Snakemake and DVC wait for
+
+
+def _log_record(run, path: str | Path) -> None:
+    """The metrics file and, where written, its provenance sidecar and history, as artifacts."""
+    from .utils.records import history_path, provenance_path
+    for p in (Path(path), provenance_path(path), history_path(path)):
+        if p.exists():
+            run.log_artifact(p)
+
+
 def _tags(stage: str, paper: str, table: str, phash: str, experiment: str = "", profile: str = "") -> dict:
     from .utils.repro import git_info
     g = git_info()
@@ -166,10 +184,10 @@ def _train(args, cfg, exp) -> None:
         if not dist.is_main():  # rank 0 alone writes (its Run is the only one that tracks)
             return
         run.log_metrics({"train_seconds": seconds}, step=cfg.train.epochs)
-        _write_json({"experiment": args.experiment, "final": result["final"], "history": result["history"],
-                     "train_seconds": seconds, "world_size": dist.world_size(),
-                     "provenance": _provenance(run, phash)}, args.metrics)
-        run.log_artifact(args.metrics)
+        _write_record(args.metrics, {**result["final"], "train_seconds": seconds},
+                      {"experiment": args.experiment, "world_size": dist.world_size(),
+                       "provenance": _provenance(run, phash)}, history=result["history"])
+        _log_record(run, args.metrics)
 
 
 def cmd_pretrain(args) -> None:
@@ -188,9 +206,9 @@ def cmd_pretrain(args) -> None:
              {"pretrain": C.to_dict(cfg.pretrain), "backbone": C.to_dict(cfg.model.backbone)}) as run:
         t0 = time.time()
         result = pretrain_backbone(cfg, args.data, args.out, run=run)
-        _write_json({"final": result["final"], "history": result["history"], "seconds": time.time() - t0,
-                     "provenance": _provenance(run, phash)}, args.metrics)
-        run.log_artifact(args.metrics)
+        _write_record(args.metrics, {**result["final"], "seconds": time.time() - t0},
+                      {"provenance": _provenance(run, phash)}, history=result["history"])
+        _log_record(run, args.metrics)
 
 
 def cmd_eval(args) -> None:
@@ -233,10 +251,10 @@ def _eval(args, cfg, exp) -> None:
         if not dist.is_main():  # the other ranks only predicted their shards
             return
         run.log_metrics({k: v for k, v in stats.items() if v == v})
-        _write_json({"experiment": args.experiment, "stats": stats, "precision": precision,
-                     "checkpoint_params_hash": ckpt.get("params_hash"), "provenance": _provenance(run, phash)},
-                    args.out)
-        run.log_artifact(args.out)
+        _write_record(args.out, stats, {"experiment": args.experiment, "precision": precision,
+                                        "checkpoint_params_hash": ckpt.get("params_hash"),
+                                        "provenance": _provenance(run, phash)})
+        _log_record(run, args.out)
     print(f"[eval] {args.experiment}: " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
 
 
@@ -270,9 +288,9 @@ def cmd_import(args) -> None:
         save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(cfg.model),
                      "params_hash": phash, "imported_from": info}, args.out)
         run.log_metrics({"tensors": len(state)})
-        _write_json({"experiment": args.experiment, "imported_from": info, "provenance": _provenance(run, phash)},
-                    args.metrics)
-        run.log_artifact(args.metrics)
+        _write_record(args.metrics, {"tensors": len(state)},
+                      {"experiment": args.experiment, "imported_from": info, "provenance": _provenance(run, phash)})
+        _log_record(run, args.metrics)
     print(f"[import] {args.experiment}: {source} ({imp.format}, {len(state)} tensors, sha256 {digest[:12]}) "
           f"-> {args.out}")
 
@@ -283,19 +301,20 @@ def cmd_flops(args) -> None:
     from .evaluation.flops import count_model
     from .tracking import Run
     phash = C.params_hash({"flops": raw.get("flops"), "coco_model": raw["profiles"].get("coco", {}).get("model")})
-    results = {}
+    results, inputs = {}, {}
     with Run(params.tracking.experiment, "flops", _tags("flops", params.flops.paper, params.flops.table, phash),
              {"flops": C.to_dict(params.flops)}) as run:
         for name, mcfg in models.items():
             sizes = params.flops.model_input_sizes.get(name, params.flops.input_sizes)
-            results[name] = {**count_model(mcfg, sizes), "input_sizes": sizes}
+            results[name] = count_model(mcfg, sizes)
+            inputs[name] = sizes
             run.log_metrics({f"{name}.gmacs": results[name]["gmacs"]["total"],
                              f"{name}.params_m": results[name]["params_m"]})
             print(f"[flops] {name}: {results[name]['gmacs']} GMACs, {results[name]['params_m']:.2f}M params")
-        _write_json({"models": results, "input_sizes": params.flops.input_sizes,
-                     "convention": "GMACs (one multiply-add = one FLOP, the papers' 'GFLOPs')",
-                     "provenance": _provenance(run, phash)}, args.out)
-        run.log_artifact(args.out)
+        _write_record(args.out, {"models": results},
+                      {"input_sizes": inputs, "convention": "GMACs (one multiply-add = one FLOP, the papers' 'GFLOPs')",
+                       "provenance": _provenance(run, phash)})
+        _log_record(run, args.out)
 
 
 def cmd_speed(args) -> None:
@@ -326,11 +345,12 @@ def cmd_speed(args) -> None:
         results = time_encoder(model, dataset, settings, sp.num_images, sp.warmup, sp.repeats, base.eval.amp)
         for label, r in results.items():
             run.log_metrics({f"{label}.{k}": v for k, v in r.items() if v is not None})
-        _write_json({"results": results, "device": str(device), "environment": environment(),
-                     "protocol": {"batch": 1, "num_images": sp.num_images, "warmup": sp.warmup,
-                                  "repeats": sp.repeats, "statistic": "median per image, mean over images"},
-                     "provenance": _provenance(run, phash)}, args.out)
-        run.log_artifact(args.out)
+        _write_record(args.out, {"results": results},
+                      {"device": str(device), "environment": environment(),
+                       "protocol": {"batch": 1, "num_images": sp.num_images, "warmup": sp.warmup,
+                                    "repeats": sp.repeats, "statistic": "median per image, mean over images"},
+                       "provenance": _provenance(run, phash)})
+        _log_record(run, args.out)
     for label, r in results.items():
         print(f"[speed] {label}: {r['ms']:.3f} ms/encoder, score matrix {r['score_mb']:.3f} MB")
 

@@ -16,6 +16,7 @@ import yaml
 
 from .config import ConfigError, deep_merge, expand_experiments, read_yaml, stage_resources
 from .data.manifest import manifest_path, refresh_if_present
+from .utils.records import history_path, provenance_path
 
 SRC = "src/effdetr"
 COMMON_SRC = [f"{SRC}/config.py", f"{SRC}/cli.py", f"{SRC}/tracking.py", f"{SRC}/utils"]
@@ -38,6 +39,16 @@ class Stage:
     groups: list[str] = field(default_factory=list)  # named targets it belongs to (e.g. released)
     # gpu, mem_mb, runtime (minutes), cpus_per_task: Snakemake `resources:` (config.stage_resources)
     resources: dict = field(default_factory=dict)
+    # the Snakemake rule it runs under (data, pretrain, train, eval, import, flops, speed, table,
+    # report) and, for a rule with a wildcard, its value (the experiment or the table id)
+    kind: str = ""
+    key: str = ""
+    # per-epoch histories (DVC `plots:`; a training's curves)
+    plots: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.kind:
+            self.kind = self.name
 
     @property
     def shell(self) -> str:
@@ -60,7 +71,7 @@ class Stage:
         return json.dumps({k: lookup(raw, k) for k in self.params_keys}, sort_keys=True, separators=(",", ":"))
 
     def all_outputs(self) -> list[str]:
-        return self.outs + self.out_dirs + self.metrics
+        return self.outs + self.out_dirs + self.metrics + self.plots
 
 
 def launch(args: list[str], resources: dict) -> list[str]:
@@ -114,7 +125,7 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
     if prof.get("pretrain"):
         metrics = "reports/metrics/backbone/pretrain.json"
         res = stage_resources(raw, "pretrain")
-        stages.append(Stage("pretrain_backbone",
+        stages.append(Stage("pretrain",
                             launch(["pretrain", *p, "--data", root, "--out", backbone_file, "--metrics", metrics], res),
                             ["profile", f"{prof_key}.pretrain", f"{prof_key}.data", f"{prof_key}.input",
                              f"{prof_key}.model.backbone", f"{prof_key}.model.num_classes", f"{prof_key}.train.device"],
@@ -203,7 +214,7 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
     plans = plan_tables(build(Params, raw, params_file, "params"))
     table_files = []
     for tid, plan in plans.items():
-        outs = [f"reports/tables/{tid}.md", f"reports/tables/{tid}.csv"] + [f"reports/figures/{f}" for f in plan.figures]
+        outs = [f"reports/tables/{tid}.md", f"reports/tables/{tid}.csv"]
         sources = sorted({expanded[n][0] for n in _plan_experiments(plan) if n in expanded})
         keys = ["profile"] + [f"experiments.{src}" for src in sources]
         keys += ["flops"] if plan.source == "flops" else ["speed"] if plan.source == "speed" else []
@@ -213,18 +224,27 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                             launch(["report", "table", "--table", tid, *p, "--metrics", "reports/metrics",
                                     "--out", "reports"], res),
                             keys, deps=list(plan.inputs) + [f"{SRC}/reporting"] + COMMON_SRC, outs=outs,
+                            out_dirs=[f"reports/figures/{tid}"],
                             groups=[f"paper_{plan.paper_key}"], resources=res))
-        table_files += outs[:2]
+        table_files += outs
     res = stage_resources(raw, "report")
     stages.append(Stage("report", launch(["report", "index", *p, "--out", "reports"], res), ["profile"],
                         deps=table_files + [f"{SRC}/reporting"] + COMMON_SRC, outs=["reports/README.md"],
                         resources=res))
+    for st in stages:
+        kind, _, key = st.name.partition("_")
+        if kind in ("train", "eval", "import", "table"):  # one Snakemake rule per kind, the key its wildcard
+            st.kind, st.key = kind, key
+        # beside each metrics file (numbers only) its provenance sidecar; a training's history
+        st.outs += [str(provenance_path(m)) for m in st.metrics]
+        if st.kind in ("train", "pretrain"):
+            st.plots += [str(history_path(m)) for m in st.metrics]
     return stages
 
 
 def _plan_experiments(plan) -> list[str]:
     """The experiments whose params a table's stage reads (its rows, seeds and spread runs)."""
-    return [f.split("/")[2] for f in plan.inputs if f.count("/") == 3]
+    return list(dict.fromkeys(f.split("/")[2] for f in plan.inputs if f.count("/") == 3))
 
 
 def paper_targets(stages: list[Stage]) -> dict[str, list[str]]:
@@ -299,6 +319,8 @@ def render_dvc(raw: dict, params_file: str = "params.yaml") -> str:
             entry["outs"] = outs
         if st.metrics:
             entry["metrics"] = [{m: {"cache": False}} for m in st.metrics]
+        if st.plots:  # `dvc plots show`: the loss per epoch
+            entry["plots"] = [{m: {"cache": False, "x": "epoch", "y": "train_loss"}} for m in st.plots]
         doc["stages"][st.name] = entry
     header = ("# GENERATED by `effdetr dag dvc` from src/effdetr/stages.py and params.yaml -- do not edit.\n"
               "# Re-render after changing experiments or the profile: `effdetr dag dvc --out dvc.yaml`.\n")

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from ..utils.dist import steps_per_epoch
+from ..utils.records import history_path
 
 
 def _variant(raw: dict, batch: int, iters: int) -> dict:
@@ -61,7 +62,7 @@ def run_ddp_benchmark(params: Path, experiment: str, data: Path, nproc: int = 2,
             r = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, check=False)
             if r.returncode != 0:
                 raise RuntimeError(f"{label} benchmark run failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
-            hist = json.loads((scratch / label / "m.json").read_text())["history"]
+            hist = json.loads(history_path(scratch / label / "m.json").read_text())
             seconds = sum(e["epoch_seconds"] for e in hist)
             steps = min(iters, steps_per_epoch(_train_images(p, experiment, data), batch, procs))
             results[label] = {"processes": procs, "batch_per_process": batch, "global_batch": b * nproc,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .plan import TablePlan
+from ..utils.records import history_path
 from .values import read_json
 
 
@@ -29,13 +30,13 @@ def table_figures(plan: TablePlan, reproduced: dict[str, dict], metrics_dir: Pat
         plot_tradeoff(series, fig["x"], fig["y"], spec["title"], out, baselines)
         written.append(out)
     for name in plan.curves:
-        tr = read_json(metrics_dir / name / "train.json")
-        if tr and tr.get("history"):
+        history = read_json(history_path(metrics_dir / name / "train.json"))
+        if history:
             out = fig_dir / f"{name}_training.png"
-            plot_training_curves(tr["history"], f"{name}: training losses per epoch", out)
+            plot_training_curves(history, f"{name}: training losses per epoch", out)
             written.append(out)
-    layers = {n: ev["stats"] for n in plan.swaps
-              if (ev := read_json(metrics_dir / n / "eval.json")) and "prototypes_layer0" in ev["stats"]}
+    layers = {n: ev for n in plan.swaps
+              if (ev := read_json(metrics_dir / n / "eval.json")) and "prototypes_layer0" in ev}
     if layers:
         out = fig_dir / "prototypes_per_layer.png"
         plot_prototypes_per_layer(dict(sorted(layers.items())), out)

@@ -15,7 +15,45 @@ def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(parts) if parts else "no claims judged"
 
 
-def build_index(params, plans: dict[str, TablePlan], out_dir: Path) -> Path:
+def benchmark_summary(folder: Path) -> list[str]:
+    """Markdown lines summarising Snakemake's ``benchmark:`` records (one TSV per job, named
+    <rule>_<wildcard>.tsv): per rule, the jobs, their total and largest wall time and peak
+    memory. Empty when no job has been recorded (a DVC run, or a fresh clone)."""
+    import csv
+    rows: dict[str, list[tuple[str, float, float, float]]] = {}
+    for f in sorted(folder.glob("*.tsv")) if folder.is_dir() else []:
+        with open(f, newline="") as fh:
+            recs = list(csv.DictReader(fh, delimiter="\t"))
+        if not recs:
+            continue
+        r = recs[-1]
+
+        def num(key):
+            try:
+                return float(r.get(key) or "nan")
+            except ValueError:  # "NA" where the platform cannot measure it
+                return float("nan")
+        rule = f.stem.split("_", 1)[0]
+        rows.setdefault(rule, []).append((f.stem, num("s"), num("max_rss"), num("cpu_time")))
+    if not rows:
+        return []
+    lines = ["## Runtime and memory per job", "",
+             f"Snakemake's `benchmark:` records (`{folder}/`), from the run that built these reports.", "",
+             "| rule | jobs | wall time, total | longest job | peak memory (max RSS) | CPU time, total |",
+             "|---|---:|---:|---|---:|---:|"]
+    for rule, recs in sorted(rows.items(), key=lambda kv: -sum(x[1] for x in kv[1] if x[1] == x[1])):
+        longest = max(recs, key=lambda x: x[1] if x[1] == x[1] else -1)
+        peak = max(recs, key=lambda x: x[2] if x[2] == x[2] else -1)
+        wall = sum(x[1] for x in recs if x[1] == x[1])
+        cpu = sum(x[3] for x in recs if x[3] == x[3])
+        mem = f"{peak[2]:.0f} MB ({peak[0]})" if peak[2] == peak[2] else "—"
+        lines.append(f"| {rule} | {len(recs)} | {wall / 60:.1f} min | {longest[0]} ({longest[1] / 60:.1f} min) | "
+                     f"{mem} | {cpu / 60:.1f} min |")
+    return lines + [""]
+
+
+def build_index(params, plans: dict[str, TablePlan], out_dir: Path,
+                benchmarks: Path = Path("logs/benchmarks")) -> Path:
     """The index of ``out_dir``: every planned table that has been built (a table stage may
     run alone), grouped by paper, with its claim counts; the others named as not built."""
     tables = out_dir / "tables"
@@ -37,16 +75,18 @@ def build_index(params, plans: dict[str, TablePlan], out_dir: Path) -> Path:
                   "| table | claims | files |", "|---|---|---|"]
         for p in built:
             counts = claim_counts(tables / f"{p.tid}.csv")
-            figs = ", ".join(f"[{f}](figures/{f})" for f in p.figures
-                             if (out_dir / "figures" / f).exists() and not f.endswith("_training.png"))
-            curves = sum((out_dir / "figures" / f"{n}_training.png").exists() for n in p.curves)
-            figs += (", " if figs and curves else "") + (f"{curves} training curves (figures/*_training.png)"
+            where = out_dir / "figures" / p.tid
+            figs = ", ".join(f"[{f}](figures/{p.tid}/{f})" for f in p.figures
+                             if (where / f).exists() and not f.endswith("_training.png"))
+            curves = sum((where / f"{n}_training.png").exists() for n in p.curves)
+            figs += (", " if figs and curves else "") + (f"[{curves} training curves](figures/{p.tid}/)"
                                                           if curves else "")
             lines.append(f"| [{p.spec['title']}](tables/{p.tid}.md) | {_counts_text(counts)} | "
                          f"[csv](tables/{p.tid}.csv){', ' + figs if figs else ''} |")
         lines.append("")
     if missing:
         lines += ["Not built yet: " + ", ".join(f"`{t}`" for t in missing) + ".", ""]
+    lines += benchmark_summary(benchmarks)
     lines += ["Raw metrics: [metrics/](metrics/) (JSON, one folder per experiment).", ""]
     out = out_dir / "README.md"
     out.write_text("\n".join(lines))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import expand_experiments
+from ..utils.records import history_path, provenance_path
 from .paper import load_paper_tables
 
 METRICS = "reports/metrics"
@@ -115,7 +116,11 @@ def plan_tables(params, specs: dict | None = None) -> dict[str, TablePlan]:
         for n, (_, e) in experiments.items():
             if e["table"] == tid:
                 plan.inputs += [f for f in _files(n, e) if f not in plan.inputs]
+        plan.inputs += [str(history_path(f"{METRICS}/{n}/train.json")) for n in plan.curves]
         plans[tid] = plan
+    for plan in plans.values():  # each metrics file's provenance sidecar is read beside it
+        plan.inputs += [str(provenance_path(f)) for f in plan.inputs if f.endswith(".json")
+                        and not f.endswith(("_history.json", ".provenance.json"))]
     return dict(sorted(plans.items()))
 
 

@@ -219,7 +219,7 @@ def table_values(plan: TablePlan, params, metrics_dir: Path) -> tuple[dict, list
     """(row -> reproduced values, provenance, note, row -> seed spread) for one table."""
     if plan.source == "flops":
         reproduced, prov, data = flops_values(metrics_dir)
-        sizes = ({str(m.get("input_sizes", data["input_sizes"])) for k, m in data["models"].items() if k in plan.rows}
+        sizes = ({str(v) for k, v in data.get("input_sizes", {}).items() if k in plan.rows}
                  if data else {str(params.flops.input_sizes)})
         return reproduced, prov, f"Input sizes (h, w) averaged: {', '.join(sorted(sizes))}.", None
     if plan.source == "speed":
@@ -241,7 +241,8 @@ def table_values(plan: TablePlan, params, metrics_dir: Path) -> tuple[dict, list
 
 def write_table(plan: TablePlan, params, metrics_dir: Path, out_dir: Path, context: dict,
                 paper_scale: bool) -> list[Path]:
-    """reports/tables/<tid>.md and .csv, and the table's figures; returns the files written."""
+    """reports/tables/<tid>.md and .csv, and the table's figures (reports/figures/<tid>/);
+    returns the files written."""
     from .figures import table_figures
     tables_dir = out_dir / "tables"
     tables_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +254,7 @@ def write_table(plan: TablePlan, params, metrics_dir: Path, out_dir: Path, conte
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         w.writerows(csv_rows(plan, rows))
-    return [md, csv_path] + table_figures(plan, reproduced, metrics_dir, out_dir / "figures")
+    return [md, csv_path] + table_figures(plan, reproduced, metrics_dir, out_dir / "figures" / plan.tid)
 
 
 VERDICT = re.compile(r"(?:^|: |; )(yes|no|inconclusive|not run)\b")

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from ..utils.records import provenance_path
+
 AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}
 
 
@@ -13,21 +15,27 @@ def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def read_record(path: Path) -> tuple[dict | None, dict]:
+    """A stage's metrics (None if not run) and its provenance sidecar ({} if absent)."""
+    return read_json(path), read_json(provenance_path(path)) or {}
+
+
 def experiment_values(metrics_dir: Path, name: str) -> tuple[dict, list[dict]]:
     """Reproduced numbers of one experiment (AP-type in percent, as the papers print them)."""
-    ev = read_json(metrics_dir / name / "eval.json")
-    tr = read_json(metrics_dir / name / "train.json")
+    ev, ev_rec = read_record(metrics_dir / name / "eval.json")
+    tr, tr_rec = read_record(metrics_dir / name / "train.json")
     values, prov = {}, []
     if ev:
-        for k, v in ev["stats"].items():
+        for k, v in ev.items():
             values[k] = 100 * v if k in AP_KEYS else v
             if k.startswith("gmacs_"):  # the papers' "GFLOPs" are multiply-adds
                 values["gflops_" + k.removeprefix("gmacs_")] = v
-        prov.append({"what": f"eval {name}", "precision": ev.get("precision", "fp32"), **ev["provenance"],
-                     "file": str(metrics_dir / name / "eval.json")})
+        prov.append({"what": f"eval {name}", "precision": ev_rec.get("precision", "fp32"),
+                     **ev_rec.get("provenance", {}), "file": str(metrics_dir / name / "eval.json")})
     if tr:
         values["train_seconds"] = tr["train_seconds"]
-        prov.append({"what": f"train {name}", **tr["provenance"], "file": str(metrics_dir / name / "train.json")})
+        prov.append({"what": f"train {name}", **tr_rec.get("provenance", {}),
+                     "file": str(metrics_dir / name / "train.json")})
     return values, prov
 
 
@@ -78,22 +86,24 @@ def add_gains(spec: dict, reproduced: dict[str, dict]) -> None:
 
 
 def flops_values(metrics_dir: Path) -> tuple[dict[str, dict], list[dict], dict | None]:
-    data = read_json(metrics_dir / "flops.json")
+    """Paper-scale FLOPs rows; the third value: the run's settings (``input_sizes`` per model)."""
+    data, rec = read_record(metrics_dir / "flops.json")
     if not data:
         return {}, [], None
     rows = {name: {"gflops": m["gmacs"]["total"], "params_m": m["params_m"],
                    **{f"gflops_{k}": v for k, v in m["gmacs"].items() if k != "total"},
                    **{k: v for k, v in m.items() if k.startswith("token_share_")}}
             for name, m in data["models"].items()}
-    return rows, [{"what": "flops", **data["provenance"], "file": str(metrics_dir / "flops.json")}], data
+    return rows, [{"what": "flops", **rec.get("provenance", {}), "file": str(metrics_dir / "flops.json")}], rec
 
 
 def speed_values(metrics_dir: Path) -> tuple[dict[str, dict], list[dict], dict | None]:
-    """Encoder timing rows (see evaluation/speed.py); speedup = dense ms / this ms."""
-    data = read_json(metrics_dir / "speed.json")
+    """Encoder timing rows (see evaluation/speed.py); speedup = dense ms / this ms. The third
+    value: the run's settings (device, environment, protocol)."""
+    data, rec = read_record(metrics_dir / "speed.json")
     if not data:
         return {}, [], None
     dense = data["results"].get("dense", {}).get("ms")
     rows = {label: {**r, "speedup": (dense / r["ms"]) if dense and r.get("ms") else None}
             for label, r in data["results"].items()}
-    return rows, [{"what": "speed", **data["provenance"], "file": str(metrics_dir / "speed.json")}], data
+    return rows, [{"what": "speed", **rec.get("provenance", {}), "file": str(metrics_dir / "speed.json")}], rec
