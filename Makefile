@@ -6,11 +6,21 @@ STAMP := $(VENV)/.installed
 # Rules and DVC stages call `effdetr`, `snakemake`, `dvc` from the project's venv.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: all test test-fast setup dag lint clean-work
+.PHONY: all demo test test-fast setup dag lint clean-work
 
 all: $(STAMP)
 	snakemake --snakefile workflow/Snakefile --cores all all
 	dvc commit --force --quiet
+
+# The tiny profile (tests/data/params_tiny.yaml) end to end in demo/, a few minutes on 2 cores:
+# its own data, reports, logs and MLflow store; the repository's outputs are not touched.
+demo: $(STAMP)
+	rm -rf demo && mkdir demo
+	cp -r workflow .dvcignore demo/ && cp tests/data/params_tiny.yaml demo/params.yaml && ln -s ../src demo/src
+	cd demo && ../$(BIN)/snakemake --snakefile workflow/Snakefile --cores all all
+	@echo
+	@echo "demo done: tables in demo/reports/README.md, figures in demo/reports/figures/,"
+	@echo "runs: .venv/bin/mlflow ui --backend-store-uri sqlite:///demo/mlruns/mlflow.db"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10
