@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 all: $(STAMP)
 	snakemake --snakefile workflow/Snakefile --cores all all
-	dvc commit --force --quiet
+	effdetr dag sync
 
 # The tiny profile (tests/data/params_tiny.yaml) end to end in demo/, a few minutes on 2 cores:
 # its own data, reports, logs and MLflow store; the repository's outputs are not touched.

@@ -387,6 +387,10 @@ def cmd_report(args) -> None:
 def cmd_dag(args) -> None:
     from . import stages
     params, raw = C.load_params(args.params)
+    if args.format == "sync":
+        from .engines import sync
+        print(f"[dag] {sync(args.params)}")
+        return
     if args.format == "dvc":
         text = stages.render_dvc(raw, args.params)
         if args.out == "-":
@@ -556,8 +560,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--table", default=None, help="report table: the table id (reports/tables/<id>.md)")
     sp.add_argument("--metrics", default="reports/metrics", help="where the stages' metrics JSON files are")
     sp.add_argument("--out", default="reports", help="reports folder (tables/, figures/, README.md)")
-    sp = add("dag", cmd_dag, "render the stage table")
-    sp.add_argument("format", choices=["dvc", "list"], help="dvc: dvc.yaml; list: one stage per line")
+    sp = add("dag", cmd_dag, "render the stage table, or bring Snakemake's and DVC's records in step")
+    sp.add_argument("format", choices=["dvc", "list", "sync"],
+                    help="dvc: dvc.yaml; list: one stage per line; sync: after a run by one engine, record it "
+                         "in the other's records (dvc commit or snakemake --touch)")
     sp.add_argument("--out", default="-", help="file to write; - for stdout")
     sp = add("bench", cmd_bench, "benchmark an op (msda: reference vs Triton vs the official CUDA op), "
                                  "the workflow (dag: a cold snakemake run of a small params file) or "
