@@ -186,14 +186,21 @@ def start_mlflow_server(store_uri: str, log: Path, timeout: float = 120) -> tupl
                          f"{log.read_text()[-2000:]}")
 
 
-def search_runs(base: str, experiment: str) -> list[dict]:
-    with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}") as r:
-        exp_id = json.load(r)["experiment"]["experiment_id"]
-    req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
-                                 data=json.dumps({"experiment_ids": [exp_id], "max_results": 1000}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req) as r:
-        return json.load(r).get("runs", [])
+def search_runs(base: str, prefix: str) -> list[dict]:
+    """Every run of the experiments named ``<prefix>/...`` (one per paper, and pipeline), each
+    with its experiment's name and tags under ``experiment``."""
+    def post(path, body):
+        req = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", method="POST", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            return json.load(r)
+    exps = post("experiments/search", {"max_results": 1000, "filter": f"name LIKE '{prefix}/%'"}).get("experiments", [])
+    runs = []
+    for exp in exps:
+        for run in post("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1000}).get("runs", []):
+            runs.append({**run, "experiment": {"name": exp["name"],
+                                               "tags": {t["key"]: t["value"] for t in exp.get("tags", [])}}})
+    return runs
 
 
 @pytest.fixture
@@ -303,6 +310,18 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     assert "train_loss" in keys
     tags = {t["key"]: t["value"] for t in train_run["data"]["tags"]}
     assert {"paper", "table", "git_sha", "git_dirty", "params_hash"} <= set(tags)
+    # MLflow's own columns: source, user, run name; one experiment per paper, opened by the UI
+    # on its model-training view; the tables' metric names on eval runs
+    assert tags["mlflow.source.name"] == "effdetr train" and tags["mlflow.runName"] == "train-detr_dc5"
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+    assert {r["experiment"]["name"] for r in runs} == {"effdetr-test/act", "effdetr-test/sparse_detr",
+                                                       "effdetr-test/detr", "effdetr-test/lite_detr",
+                                                       "effdetr-test/pipeline"}
+    assert train_run["experiment"]["name"] == "effdetr-test/act"
+    assert all(r["experiment"]["tags"]["mlflow.experimentKind"] == "custom_model_development" for r in runs)
+    eval_run = next(r for r in runs if r["info"]["run_name"] == "eval-sparse_detr_rho0p3")
+    metrics = {m["key"]: m["value"] for m in eval_run["data"]["metrics"]}
+    assert metrics["gflops_total"] == metrics["gmacs_total"] > 0 and 0 <= metrics["AP"] <= 1
 
     # Up to date: nothing planned (how long a dry run takes is `effdetr bench dag`'s figure).
     assert planned_jobs(smk("-n").stdout) == set()
@@ -359,7 +378,7 @@ def test_mlflow_sync_reimports_lost_runs(workdir):
     assert "re-imported 1 runs" in out
     from mlflow.tracking import MlflowClient
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("effdetr-test")
+    exp = client.get_experiment_by_name("effdetr-test/pipeline")  # the data stage's
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and runs[0].data.metrics["train_images"] == 48
     assert "re-imported 0 runs" in run(BIN / "effdetr", "mlflow", "sync").stdout

@@ -40,11 +40,24 @@ def _log_record(run, path: str | Path) -> None:
             run.log_artifact(p)
 
 
+def _experiment(params, paper: str) -> str:
+    """The MLflow experiment of a stage: one per paper (``<tracking.experiment>/act``, ...),
+    and ``<tracking.experiment>/pipeline`` for the stages every paper shares (data, backbone)."""
+    return f"{params.tracking.experiment}/{paper if paper not in ('all', '-', '') else 'pipeline'}"
+
+
 def _tags(stage: str, paper: str, table: str, phash: str, experiment: str = "", profile: str = "") -> dict:
+    """effdetr's own tags, and MLflow's system tags (the UI's source, commit and user columns)."""
+    import getpass
+
     from .utils.repro import git_info
     g = git_info()
+    system = {"mlflow.source.name": f"effdetr {stage}", "mlflow.source.type": "LOCAL",
+              "mlflow.user": getpass.getuser()}
+    if g["sha"] != "unknown":
+        system["mlflow.source.git.commit"] = g["sha"]
     return {"paper": paper, "table": table, "stage": stage, "experiment": experiment, "profile": profile,
-            "git_sha": g["sha"], "git_dirty": str(g["dirty"]).lower(), "params_hash": phash}
+            "git_sha": g["sha"], "git_dirty": str(g["dirty"]).lower(), "params_hash": phash, **system}
 
 
 def _provenance(run, phash: str) -> dict:
@@ -66,7 +79,7 @@ def cmd_data(args) -> None:
             raise C.ConfigError(args.params, f"profiles.{params.profile}.data.synth", "missing (active profile is not synth)")
         from .data.synthcoco import generate
         phash = C.params_hash(prof.data)
-        with Run(params.tracking.experiment, "data-synth", _tags("data", "all", "-", phash, profile=params.profile),
+        with Run(_experiment(params, "all"), "data-synth", _tags("data", "all", "-", phash, profile=params.profile),
                  {"data": C.to_dict(prof.data)}) as run:
             t0 = time.time()
             summary = generate(prof.data.synth, args.out)
@@ -174,7 +187,7 @@ def _train(args, cfg, exp) -> None:
     from .utils.repro import files_hash, source_hash
     inputs = files_hash([args.backbone, args.init, args.teacher])
     work = Path(args.work_root) / args.experiment / f"{phash}-{source_hash()}-{inputs}-{data_digest[:8]}"
-    with Run(params.tracking.experiment, f"train-{args.experiment}",
+    with Run(_experiment(params, exp.paper), f"train-{args.experiment}",
              _tags("train", exp.paper, exp.table, phash, args.experiment, params.profile),
              {"experiment": C.to_dict(cfg)}) as run:
         t0 = time.time()
@@ -201,7 +214,7 @@ def cmd_pretrain(args) -> None:
     from .engine.pretrain import pretrain_backbone
     from .tracking import Run
     check_data(cfg, args.data, ("train",))
-    with Run(params.tracking.experiment, "pretrain-backbone",
+    with Run(_experiment(params, "all"), "pretrain-backbone",
              _tags("pretrain", "all", "-", phash, "backbone", params.profile),
              {"pretrain": C.to_dict(cfg.pretrain), "backbone": C.to_dict(cfg.model.backbone)}) as run:
         t0 = time.time()
@@ -240,7 +253,7 @@ def _eval(args, cfg, exp) -> None:
     device = dist.local_device(resolve_device(cfg.train.device))
     model.to(device)
     precision = "bf16" if cfg.eval.amp and device.type == "cuda" else "fp32"  # autocast is CUDA-only here
-    with Run(params.tracking.experiment, f"eval-{args.experiment}",
+    with Run(_experiment(params, exp.paper), f"eval-{args.experiment}",
              _tags("eval", exp.paper, exp.table, phash, args.experiment, params.profile) | {"precision": precision},
              {"experiment": C.to_dict(cfg), "checkpoint": args.checkpoint}) as run:
         torch.manual_seed(cfg.train.seed)
@@ -250,7 +263,9 @@ def _eval(args, cfg, exp) -> None:
                                  fps_warmup=cfg.eval.fps_warmup, fps_batch_sizes=cfg.eval.fps_batch_sizes)
         if not dist.is_main():  # the other ranks only predicted their shards
             return
-        run.log_metrics({k: v for k, v in stats.items() if v == v})
+        # the papers' GFLOPs are GMACs: logged under the tables' names too, for the runs table
+        run.log_metrics({k: v for k, v in stats.items() if v == v}
+                        | {"gflops_" + k.removeprefix("gmacs_"): v for k, v in stats.items() if k.startswith("gmacs_")})
         _write_record(args.out, stats, {"experiment": args.experiment, "precision": precision,
                                         "checkpoint_params_hash": ckpt.get("params_hash"),
                                         "provenance": _provenance(run, phash)})
@@ -274,7 +289,7 @@ def cmd_import(args) -> None:
     from .models import build_model
     from .tracking import Run
     imp = exp.import_checkpoint
-    with Run(params.tracking.experiment, f"import-{args.experiment}",
+    with Run(_experiment(params, exp.paper), f"import-{args.experiment}",
              _tags("import", exp.paper, exp.table, phash, args.experiment, params.profile),
              {"experiment": C.to_dict(cfg), "import": C.to_dict(imp)}) as run:
         source, digest = resolve_source(imp, args.releases)
@@ -302,7 +317,8 @@ def cmd_flops(args) -> None:
     from .tracking import Run
     phash = C.params_hash({"flops": raw.get("flops"), "coco_model": raw["profiles"].get("coco", {}).get("model")})
     results, inputs = {}, {}
-    with Run(params.tracking.experiment, "flops", _tags("flops", params.flops.paper, params.flops.table, phash),
+    with Run(_experiment(params, params.flops.paper), "flops",
+             _tags("flops", params.flops.paper, params.flops.table, phash),
              {"flops": C.to_dict(params.flops)}) as run:
         for name, mcfg in models.items():
             sizes = params.flops.model_input_sizes.get(name, params.flops.input_sizes)
@@ -340,7 +356,7 @@ def cmd_speed(args) -> None:
     settings = {"dense": ("dense", None)}
     settings.update({n: (c.model.encoder_attention, c.model.act) for n, c in cfgs.items()})
     phash = C.params_hash({"speed": raw["speed"], "experiment": raw["experiments"][sp.experiment]})
-    with Run(params.tracking.experiment, "speed", _tags("speed", sp.paper, sp.table, phash, sp.experiment,
+    with Run(_experiment(params, sp.paper), "speed", _tags("speed", sp.paper, sp.table, phash, sp.experiment,
                                                         params.profile), {"speed": C.to_dict(sp)}) as run:
         results = time_encoder(model, dataset, settings, sp.num_images, sp.warmup, sp.repeats, base.eval.amp)
         for label, r in results.items():
@@ -373,7 +389,7 @@ def cmd_report(args) -> None:
     name = f"report-{args.table}" if only else "report"
     table = args.table if only else "all"
     paper = plan_tables(params)[args.table].paper_key if only and args.table in plan_tables(params) else "all"
-    with Run(params.tracking.experiment, name, _tags("report", paper, table, phash, profile=params.profile),
+    with Run(_experiment(params, paper), name, _tags("report", paper, table, phash, profile=params.profile),
              {"profile": params.profile}) as run:
         context = {"profile": params.profile, "params_hash": phash, "run_id": run.run_id}
         written = build_reports(params, Path(args.metrics), Path(args.out), context, paper_scale, only)
@@ -404,7 +420,7 @@ def cmd_dag(args) -> None:
 
 def cmd_mlflow(args) -> None:
     from . import tracking
-    name = C.load_params(args.params)[0].tracking.experiment
+    name = _experiment(C.load_params(args.params)[0], "all")
     if args.action == "init":
         try:
             exp_id = tracking.init_store(name)

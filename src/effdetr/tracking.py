@@ -177,12 +177,19 @@ def _connect():
         raise _broken(db, f"mlflow cannot open it ({type(e).__name__}: {e})") from e
 
 
+# MLflow 3's UI opens an experiment with this tag on its model-training view, not the GenAI one
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=ARTIFACT_DIR.resolve().as_uri())
+        return client.create_experiment(name, artifact_location=ARTIFACT_DIR.resolve().as_uri(),
+                                        tags=EXPERIMENT_KIND)
     except Exception:  # noqa: BLE001 - another process created it first
         return client.get_experiment_by_name(name).experiment_id
 
