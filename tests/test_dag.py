@@ -172,7 +172,7 @@ def _tiny_dag_up_to_date(workdir):
     generate(data.synth, data.root)  # its manifest: written when Snakemake first parses
     for st in built:
         if st.name != "data":
-            for out in st.outs + st.metrics:
+            for out in st.outs + st.metrics + st.plots:
                 (workdir / out).parent.mkdir(parents=True, exist_ok=True)
                 (workdir / out).write_text("{}")
             for out in st.out_dirs:

@@ -14,14 +14,18 @@ from pathlib import Path
 
 import yaml
 
+from . import codedeps
 from .config import ConfigError, deep_merge, expand_experiments, read_yaml, stage_resources
 from .data.manifest import manifest_path, refresh_if_present
 from .utils.records import history_path, provenance_path
 
 SRC = "src/effdetr"
-COMMON_SRC = [f"{SRC}/config.py", f"{SRC}/cli.py", f"{SRC}/tracking.py", f"{SRC}/utils"]
+# every command's own code: the CLI, the params loader, tracking (and what they import at top
+# level; config's check of import sections reads the releases table), and utils/
+COMMON_SRC = sorted(set(codedeps.closure(["effdetr.cli", "effdetr.config", "effdetr.tracking",
+                                          "effdetr.convert.releases"]))) + [f"{SRC}/convert/releases.yaml",
+                                                                            f"{SRC}/utils"]
 MODEL_SRC = [f"{SRC}/models", f"{SRC}/ops"]
-DISTILL_SRC = [f"{SRC}/distill"]
 
 
 @dataclass
@@ -129,7 +133,7 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                             launch(["pretrain", *p, "--data", root, "--out", backbone_file, "--metrics", metrics], res),
                             ["profile", f"{prof_key}.pretrain", f"{prof_key}.data", f"{prof_key}.input",
                              f"{prof_key}.model.backbone", f"{prof_key}.model.num_classes", f"{prof_key}.train.device"],
-                            deps=[root, manifest, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + COMMON_SRC,
+                            deps=[root, manifest] + _code("effdetr.engine.pretrain") + COMMON_SRC,
                             outs=[backbone_file], metrics=[metrics], heavy=True, resources=res))
 
     train_keys = [f"{prof_key}.{s}" for s in ("data", "input", "model", "loss", "train")]
@@ -144,6 +148,12 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
         threads = _merged(raw, profile, exp, "train").get("threads")
         init = exp.get("init_from")
         teacher = (exp.get("distill") or {}).get("teacher")
+        # the code this experiment's commands run: its model's modules (and its teacher's)
+        model_code = codedeps.model_modules(_model_config(raw, profile, exp, params_file))
+        distill_code = []
+        if teacher:
+            model_code += codedeps.model_modules(_model_config(raw, profile, expanded[teacher][1], params_file))
+            distill_code = codedeps.distill_modules(exp["distill"].get("method", "mtkd"))
         init_stages = (raw["experiments"].get(init) or {}).get("stages", []) if init else []
         groups = ["released"] if "import" in stage_list or "import" in init_stages else []
         if "train" in stage_list:
@@ -158,7 +168,8 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 launch(["train", *p, "--experiment", name, "--data", root, "--out", ckpt,
                                         "--metrics", metrics, *extra], res),
                                 exp_keys + train_keys,
-                                deps=[root, manifest, f"{SRC}/engine", f"{SRC}/data"] + MODEL_SRC + DISTILL_SRC
+                                deps=[root, manifest]
+                                + _code("effdetr.engine.train", *model_code, *distill_code)
                                 + COMMON_SRC
                                 + ([backbone_file] if "--backbone" in extra else []) + weights,
                                 outs=[ckpt], metrics=[metrics], heavy=True, threads=threads, resources=res))
@@ -171,8 +182,9 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 launch(["import", *p, "--experiment", name, "--out", ckpt, "--metrics", metrics,
                                         "--releases", "data/releases"], res),
                                 exp_keys + [f"{prof_key}.model"],
-                                deps=source_dep + [f"{SRC}/convert", f"{SRC}/engine", f"{SRC}/data/download.py"]
-                                + MODEL_SRC + COMMON_SRC,
+                                deps=source_dep + [f"{SRC}/convert"]
+                                + _code("effdetr.engine.checkpoint", "effdetr.data.download", *model_code)
+                                + COMMON_SRC,
                                 outs=[ckpt], metrics=[metrics], heavy=True, groups=groups, resources=res))
         if "eval" in stage_list:
             metrics = f"reports/metrics/{name}/eval.json"
@@ -182,8 +194,9 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                 launch(["eval", *p, "--experiment", name, "--data", root, "--checkpoint", weights,
                                         "--out", metrics], res),
                                 exp_keys + eval_keys,
-                                deps=[root, manifest, weights, f"{SRC}/engine", f"{SRC}/data", f"{SRC}/evaluation"]
-                                + MODEL_SRC + COMMON_SRC,
+                                deps=[root, manifest, weights]
+                                + _code("effdetr.engine.evaluate", "effdetr.engine.checkpoint", *model_code)
+                                + COMMON_SRC,
                                 metrics=[metrics], heavy=True, threads=threads, groups=groups, resources=res))
 
     if raw.get("flops", {}).get("models"):
@@ -205,7 +218,9 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                             res),
                             ["profile", "speed", f"experiments.{speed['experiment']}"]
                             + [f"{prof_key}.{s}" for s in ("data", "input", "model", "train", "eval")],
-                            deps=[root, manifest, weights, f"{SRC}/evaluation"] + MODEL_SRC + COMMON_SRC,
+                            deps=[root, manifest, weights]
+                            + _code("effdetr.evaluation.speed", "effdetr.engine.checkpoint", "effdetr.models.detr",
+                                    "effdetr.ops.act") + COMMON_SRC,
                             metrics=[metrics], heavy=True, resources=res))
 
     # one stage per paper table, reading exactly its rows' metrics; then the index of them all
@@ -258,6 +273,20 @@ def group_outputs(stages: list[Stage], group: str) -> list[str]:
     """Outputs of a named target: ``released`` = every import stage and every evaluation of
     released weights (the coco profile's eval-only rows, about one GPU-hour)."""
     return [o for st in stages if group in st.groups for o in st.all_outputs()]
+
+
+def _model_config(raw: dict, profile: str, exp: dict, params_file: str):
+    """The experiment's resolved model config (validated as config.py does)."""
+    from .config import _profile_from_dict
+    prof = raw["profiles"][profile]
+    merged = {k: _merged(raw, profile, exp, k) if isinstance(v, dict) else v for k, v in prof.items()}
+    return _profile_from_dict(merged, params_file, f"profiles.{profile}").model
+
+
+def _code(*modules: str) -> list[str]:
+    """Source files a command runs: the static import closure of ``modules`` (codedeps)."""
+    from .codedeps import closure
+    return closure(list(modules))
 
 
 def _merged(raw: dict, profile: str, exp: dict, section: str) -> dict:

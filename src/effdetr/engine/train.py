@@ -29,7 +29,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.coco import CocoDetection, collate, split_paths
 from ..data.transforms import build_transforms
-from ..distill import build_distiller
 from ..models import build_model
 from ..models.backbone import load_backbone_weights
 from ..models.criterion import build_criterion
@@ -184,6 +183,7 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
     if distill_cfg is not None:
         if not teacher:
             raise ValueError("distillation is configured but no --teacher model file was given")
+        from ..distill import build_distiller  # distillation's code is only its stages'
         teacher_model = build_trained_model(teacher)[0].to(device).eval().requires_grad_(False)
         distiller = build_distiller(distill_cfg, teacher_model, model).to(device)
     groups = [g for g in model.param_groups(t.lr, t.lr_backbone, t.weight_decay) if g["params"]]

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from ..utils.dist import mean_over_ranks
 from .criterion import matched_box_losses
 from .matcher import HungarianMatcher
-from .sparse_detr import dam_loss
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -73,6 +72,7 @@ class FocalSetCriterion(nn.Module):
                                         class_agnostic=True))
         sal = outputs.get("saliency", {})
         if "target" in sal:
+            from .sparse_detr import dam_loss  # Sparse DETR's only
             losses["loss_saliency"] = dam_loss(sal["logits"], sal["target"], sal["padding"])
         return losses
 
