@@ -41,7 +41,9 @@ def test_kill_and_resume_matches_uninterrupted(workdir, tiny_data):
     synth = params["profiles"]["synth"]
     synth["model"]["backbone"]["pretrained"] = "none"
     synth["model"]["dropout"] = 0.1
-    synth["train"].update(epochs=2, max_iters_per_epoch=4, checkpoint_every_iters=1, num_workers=1)
+    # val_every 1: a validation at each epoch's end is part of what must resume exactly
+    synth["train"].update(epochs=2, max_iters_per_epoch=4, checkpoint_every_iters=1, num_workers=1,
+                          val_every=1, val_images=8)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

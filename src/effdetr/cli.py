@@ -106,6 +106,15 @@ def cmd_data(args) -> None:
                                                                  "unchanged"))
 
 
+def _validation_dataset(cfg, data_root):
+    """The val split as the in-training validation reads it: its first train.val_images images."""
+    from .data.coco import CocoDetection, split_paths
+    from .data.transforms import build_transforms
+    img_dir, ann = split_paths(cfg.data, "val", data_root)
+    return CocoDetection(img_dir, ann, build_transforms(cfg.input, train=False), cfg.model.num_classes,
+                         max_images=cfg.train.val_images)
+
+
 def _build_eval_dataset(cfg, data_root):
     from .data.coco import CocoDetection, split_paths
     from .data.transforms import build_transforms
@@ -192,7 +201,8 @@ def _train(args, cfg, exp) -> None:
              {"experiment": C.to_dict(cfg)}) as run:
         t0 = time.time()
         result = train(cfg, args.data, args.out, str(work), phash, run=run, backbone_weights=args.backbone,
-                       init=args.init, teacher=args.teacher, distill_cfg=exp.distill)
+                       init=args.init, teacher=args.teacher, distill_cfg=exp.distill,
+                       val_dataset=_validation_dataset(cfg, args.data) if cfg.train.val_every else None)
         seconds = time.time() - t0
         if not dist.is_main():  # rank 0 alone writes (its Run is the only one that tracks)
             return

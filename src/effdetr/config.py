@@ -228,6 +228,9 @@ class TrainConfig:
     amp: bool = _f(True, doc="bf16 autocast on CUDA; ignored on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every_s: float = _f(30.0, lo=0.0)
+    val_every: int = _f(0, lo=0, doc="evaluate the val split every N epochs while training (and after the "
+                        "last): val_AP, val_AP50, ... in the history and MLflow; 0 = never")
+    val_images: Optional[int] = _f(None, lo=1, doc="those evaluations use the first N val images (null = all)")
     checkpoint_every_iters: int = _f(200, lo=1)
     max_iters_per_epoch: Optional[int] = _f(None, lo=1, doc="cap (tiny test profile only)")
     threads: Optional[int] = _f(None, lo=1, doc="CPU threads of this experiment's train/eval jobs (null = all "

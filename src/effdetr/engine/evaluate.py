@@ -91,7 +91,8 @@ def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, floa
 
 def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num_workers: int,
                      area_ranges, amp: bool = False, flops_images: int = 0, fps_iters: int = 0,
-                     fps_warmup: int = 0, fps_batch_sizes: tuple[int, ...] = (1,)) -> dict | None:
+                     fps_warmup: int = 0, fps_batch_sizes: tuple[int, ...] = (1,),
+                     generator: torch.Generator | None = None) -> dict | None:
     """COCO AP (and optionally FLOPs / FPS) of ``model`` on ``dataset``; fails before any
     compute on an empty split or non-finite weights, which could only give a fake AP.
     Distributed: rank 0's stats over every rank's shard, None on the other ranks."""
@@ -100,7 +101,10 @@ def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num
     check_finite(model.state_dict(), "model to evaluate")
     world = dist.world_size()
     part = dataset if world == 1 else Subset(dataset, dist.eval_shard(len(dataset), batch_size, dist.rank(), world))
-    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    # ``generator``: the loader's base seed from it, not the global RNG (a validation inside
+    # training must not shift the training's dropout stream)
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                        generator=generator)
     dets, ids, sec_per_img = predict(model, loader, device, amp)
     if world > 1:
         shards = dist.gather_to_main((dets, ids, sec_per_img * len(ids)))

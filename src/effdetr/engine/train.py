@@ -144,14 +144,32 @@ def lr_factor(cfg, epoch: int, step: int) -> float:
     return warm * (0.1 if epoch >= cfg.lr_drop else 1.0)
 
 
+VAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def validate(model, dataset, device, cfg, epoch: int) -> dict:
+    """COCO AP on the val split in the middle of training (every rank takes part under DDP;
+    rank 0 gets the numbers). The model is back in training mode afterwards, and the global
+    RNG is untouched, so the run trains exactly as without it."""
+    from .evaluate import evaluate_dataset
+    model.eval()
+    stats = evaluate_dataset(model, dataset, device, cfg.eval.batch_size, 0, cfg.data.area_ranges,
+                             amp=cfg.eval.amp, generator=torch.Generator().manual_seed(epoch))
+    model.train()
+    if stats is None:  # another rank's share
+        return {}
+    return {f"val_{k}": stats[k] for k in VAL_KEYS if k in stats}
+
+
 def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=None,
           model_builder=build_model, backbone_weights: str | None = None, init: str | None = None,
-          teacher: str | None = None, distill_cfg=None) -> dict:
+          teacher: str | None = None, distill_cfg=None, val_dataset=None) -> dict:
     """Train ``cfg`` (a ProfileConfig); returns the final epoch's metrics.
 
     ``backbone_weights``: the pretrain stage's file, for ``backbone.pretrained: pipeline``.
     ``init``: a trained model file whose weights this run starts from (same architecture).
     ``teacher`` + ``distill_cfg``: a frozen teacher model file and how to distil it.
+    ``val_dataset``: evaluated every ``train.val_every`` epochs (val_AP, ... in the history).
     """
     t = cfg.train
     device = dist.local_device(resolve_device(t.device))
@@ -310,6 +328,8 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
                 snapshot(epoch, it)
         epoch_metrics = {f"train_{k}": s / max(n, 1) for k, (s, n) in meters.items()}
         epoch_metrics.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], epoch_seconds=time.time() - t_epoch)
+        if val_dataset is not None and t.val_every and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
+            epoch_metrics.update(validate(model, val_dataset, device, cfg, epoch))
         history.append(epoch_metrics)
         if dist.is_main():
             progress.close()
