@@ -150,18 +150,18 @@ def _unreachable(e: Exception) -> bool:
     return isinstance(e, ConnectionError) or "Max retries exceeded" in text or "Connection refused" in text
 
 
+def _transient(e: BaseException) -> bool:
+    """A store race (a sqlite lock held by a parallel job) is worth waiting for; a broken
+    store, a full disk or an unreachable server is not."""
+    return isinstance(e, Exception) and not isinstance(e, (StoreBroken, OSError)) and not _unreachable(e)
+
+
 def _retry(fn, *args, attempts: int = 6, **kwargs):
-    delay = 0.5
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except (StoreBroken, OSError):
-            raise  # a broken store or a full disk is no race: waiting cannot fix it
-        except Exception as e:  # noqa: BLE001 - store races (sqlite locks)
-            if i == attempts - 1 or _unreachable(e):
-                raise
-            time.sleep(delay)
-            delay *= 2
+    """``fn`` with up to ``attempts`` tries, 0.5 s apart and doubling, on transient errors only
+    (tenacity; the last error is raised as it is)."""
+    import tenacity
+    return tenacity.Retrying(retry=tenacity.retry_if_exception(_transient), stop=tenacity.stop_after_attempt(attempts),
+                             wait=tenacity.wait_exponential(multiplier=0.5, max=16), reraise=True)(fn, *args, **kwargs)
 
 
 def _connect():

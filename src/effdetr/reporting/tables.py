@@ -12,6 +12,10 @@ wrote. What a cell compares depends on the scale:
   the paper's input size whatever the profile): ours shows reproduced - paper.
 
 The CSV holds the same cells in long form, one line per (row, metric), for scripts.
+
+The Markdown is written here rather than with tabulate: tabulate pads every cell to its
+column's width, so a rerun that lengthens one number rewrites every line of the table in a
+diff; one unpadded line per row keeps a changed row a one-line change.
 """
 from __future__ import annotations
 
