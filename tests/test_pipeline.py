@@ -302,7 +302,8 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     # Every stage left an MLflow run, visible through a real server.
     server = mlflow_server()
     runs = search_runs(server, "effdetr-test")
-    stages_logged = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "stage") for r in runs)
+    stages_logged = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "stage") for r in runs
+                           if not any(t["key"] == "effdetr.parent" for t in r["data"]["tags"]))
     assert stages_logged == sorted(["data", "pretrain"] + ["train"] * 5 + ["eval"] * 8 + ["speed", "flops"]
                                    + ["report"] * len(TINY_TABLES))  # one per table
     train_run = next(r for r in runs if r["info"]["run_name"] == "train-detr_dc5")
@@ -318,6 +319,16 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
                                                        "effdetr-test/detr", "effdetr-test/lite_detr",
                                                        "effdetr-test/pipeline"}
     assert train_run["experiment"]["name"] == "effdetr-test/act"
+    # the DAG run is a parent run in each experiment, closed when Snakemake finished; every
+    # stage run nests under its experiment's
+    run_tags = lambda r: {t["key"]: t["value"] for t in r["data"]["tags"]}  # noqa: E731
+    parents = {r["experiment"]["name"]: r for r in runs if run_tags(r).get("effdetr.parent") == "true"}
+    assert set(parents) == {r["experiment"]["name"] for r in runs}
+    assert {p["info"]["status"] for p in parents.values()} == {"FINISHED"}
+    assert len({run_tags(p)["effdetr.invocation"] for p in parents.values()}) == 1
+    for r in runs:
+        if r["info"]["run_id"] not in {p["info"]["run_id"] for p in parents.values()}:
+            assert run_tags(r)["mlflow.parentRunId"] == parents[r["experiment"]["name"]]["info"]["run_id"]
     assert all(r["experiment"]["tags"]["mlflow.experimentKind"] == "custom_model_development" for r in runs)
     eval_run = next(r for r in runs if r["info"]["run_name"] == "eval-sparse_detr_rho0p3")
     metrics = {m["key"]: m["value"] for m in eval_run["data"]["metrics"]}

@@ -442,6 +442,18 @@ def cmd_mlflow(args) -> None:
             return
         print(f"[mlflow] store {tracking.tracking_uri()} ready, experiment '{name}' (id {exp_id})")
         return
+    if args.action == "finish":  # Snakemake's onsuccess / onerror
+        import os
+        invocation = os.environ.get(tracking.INVOCATION_ENV)
+        if not invocation:
+            raise ValueError(f"mlflow finish: no {tracking.INVOCATION_ENV} in the environment (the Snakefile sets it)")
+        try:
+            closed = tracking.finish_invocation(invocation, args.status)
+        except (tracking.StoreBroken, OSError) as e:
+            print(f"[mlflow] warning: {e}; the DAG's parent runs stay open", file=sys.stderr)
+            return
+        print(f"[mlflow] closed {len(closed)} parent run(s) of DAG run {invocation} as {args.status}")
+        return
     if args.action == "rebuild":
         moved, imported, completed = tracking.rebuild()
         print(f"[mlflow] broken store moved aside to {moved}, a fresh one created" if moved
@@ -615,9 +627,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command")
     sp.set_defaults(fn=cmd_gpus)
     sp = add("mlflow", cmd_mlflow, "initialise the store / re-import and complete sidecar runs / rebuild a broken store")
-    sp.add_argument("action", choices=["init", "sync", "rebuild"],
+    sp.add_argument("action", choices=["init", "sync", "rebuild", "finish"],
                     help="init: create the store; sync: re-import sidecars; rebuild: move a broken store aside "
-                         "and re-import")
+                         "and re-import; finish: close this DAG run's parent runs (Snakemake calls it)")
+    sp.add_argument("--status", choices=["FINISHED", "FAILED"], default="FINISHED",
+                    help="finish: the DAG run's outcome")
     return p
 
 

@@ -314,6 +314,16 @@ def refresh_data_manifest(raw: dict) -> list[str]:
     return changed
 
 
+def start_invocation() -> str:
+    """This `snakemake` run's id for MLflow (its stage runs nest under one parent run per
+    experiment): set in the environment the jobs inherit, kept when a job re-reads the
+    workflow (cluster jobs do)."""
+    import os
+    import time
+    import uuid
+    return os.environ.setdefault("EFFDETR_INVOCATION", time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+
+
 def load_raw(params_file: str) -> dict:
     """Parse and fully validate params (errors name file + key) before building the DAG."""
     from .config import validate_raw

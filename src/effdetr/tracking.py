@@ -194,6 +194,52 @@ def experiment_id(client, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+INVOCATION_ENV = "EFFDETR_INVOCATION"  # set by the Snakefile: one id per `snakemake` run
+
+
+def invocation_parent(client, exp_id: str, invocation: str) -> str:
+    """The run id of the DAG invocation's parent run in this experiment, created by the first
+    stage of the invocation that logs there (under the store's lock: parallel jobs find one
+    parent, not one each). Its stage runs are nested under it."""
+    def find():
+        found = client.search_runs([exp_id], filter_string=f"tags.`effdetr.invocation` = '{invocation}' and "
+                                                           "tags.`effdetr.parent` = 'true'")
+        return found[0].info.run_id if found else None
+    run_id = _retry(find)
+    if run_id:
+        return run_id
+    db = _sqlite_path(tracking_uri())
+    with _store_lock(db) if db is not None else contextlib.nullcontext():
+        run_id = _retry(find)
+        if run_id is None:
+            run_id = _retry(client.create_run, exp_id, run_name=f"dag {invocation}",
+                            tags={"effdetr.invocation": invocation, "effdetr.parent": "true",
+                                  "mlflow.source.name": "snakemake"}).info.run_id
+    return run_id
+
+
+def finish_invocation(invocation: str, status: str) -> list[str]:
+    """Close every parent run of ``invocation`` (Snakemake's onsuccess / onerror)."""
+    client = _connect()
+    closed = []
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`effdetr.invocation` = "
+                                      f"'{invocation}' and tags.`effdetr.parent` = 'true'"):
+            if run.info.status == "RUNNING":
+                _retry(client.set_terminated, run.info.run_id, status)
+                closed.append(run.info.run_id)
+    return closed
+
+
+def _link_parent(client, exp_id: str, tags: dict) -> dict:
+    """The tags of a stage run, nested under its invocation's parent when it has one."""
+    invocation = tags.get("effdetr.invocation")
+    tags = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}  # a store's id, not the sidecar's
+    if invocation:
+        tags["mlflow.parentRunId"] = invocation_parent(client, exp_id, invocation)
+    return tags
+
+
 def init_store(experiment: str) -> str:
     """Create the schema and the experiment once, before parallel jobs start."""
     return _retry(experiment_id, _connect(), experiment)
@@ -220,8 +266,9 @@ class Run:
 
     def __init__(self, experiment: str, run_name: str, tags: dict[str, str], params: dict):
         self.uid = uuid.uuid4().hex
+        invocation = {"effdetr.invocation": os.environ[INVOCATION_ENV]} if os.environ.get(INVOCATION_ENV) else {}
         self.record = {"uid": self.uid, "experiment": experiment, "run_name": run_name,
-                       "tags": {**{k: str(v) for k, v in tags.items()}, "effdetr.uid": self.uid},
+                       "tags": {**{k: str(v) for k, v in tags.items()}, "effdetr.uid": self.uid, **invocation},
                        "params": flatten(params), "metrics": [], "artifacts": [],
                        "status": "RUNNING", "mlflow_run_id": None, "start_time": int(time.time() * 1000),
                        "pid": os.getpid(), "host": socket.gethostname(), "tracking_errors": []}
@@ -239,7 +286,8 @@ class Run:
             self.client = _connect()
             exp_id = _retry(experiment_id, self.client, self.record["experiment"])
             run = _retry(self.client.create_run, exp_id, run_name=self.record["run_name"],
-                         tags=self.record["tags"], start_time=self.record["start_time"])
+                         tags=_link_parent(self.client, exp_id, self.record["tags"]),
+                         start_time=self.record["start_time"])
             self.run_id = run.info.run_id
             self.record["mlflow_run_id"] = self.run_id
             self._batch(params=self.record["params"])
@@ -393,7 +441,7 @@ def sync(sidecar_dir: Path = SIDECAR_DIR) -> tuple[list[str], list[str]]:
                 continue
             completed.append(rec["uid"])
         else:
-            run_id = client.create_run(exp_id, run_name=rec["run_name"], tags=rec["tags"],
+            run_id = client.create_run(exp_id, run_name=rec["run_name"], tags=_link_parent(client, exp_id, rec["tags"]),
                                        start_time=rec["start_time"]).info.run_id
             _fill(client, run_id, rec, status)
             imported.append(rec["uid"])

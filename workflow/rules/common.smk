@@ -11,6 +11,7 @@ PAPER_TARGETS = effdetr_stages.paper_targets(STAGES)
 RULE_KINDS = effdetr_rules.rule_kinds(STAGES)
 # an in-place edit of the dataset moves its manifest's mtime: the stages reading it rerun
 effdetr_stages.refresh_data_manifest(RAW_PARAMS)
+INVOCATION = effdetr_stages.start_invocation()
 
 
 def rule_outputs(kind):
@@ -25,3 +26,11 @@ def rule_outputs(kind):
 
 onstart:
     shell(f"effdetr mlflow init --params {PARAMS_FILE}")
+
+
+onsuccess:
+    shell(f"effdetr mlflow finish --status FINISHED --params {PARAMS_FILE}")
+
+
+onerror:
+    shell(f"effdetr mlflow finish --status FAILED --params {PARAMS_FILE}")
