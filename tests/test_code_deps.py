@@ -96,6 +96,7 @@ def test_model_code_is_per_architecture_and_feature():
                   "ops/kda.py", "distill/__init__.py"):
         assert src + other not in detr, other
     assert f"{src}ops/act.py" in built["eval_act_L32"].deps
+    assert f"{src}engine/evaluate.py" in detr  # synth trainings validate every few epochs (train.val_every)
     assert f"{src}distill/mtkd.py" in built["train_act_mtkd_L16"].deps
     lite = set(built["train_lite_h3l1_2x3"].deps)
     assert {f"{src}models/lite_detr.py", f"{src}ops/kda.py"} <= lite and f"{src}models/detr.py" not in lite

@@ -145,7 +145,8 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
         ckpt = f"data/checkpoints/{name}.pt"
         exp_keys = ["profile", f"experiments.{source}"]
         stage_list = exp.get("stages", ["train", "eval"])
-        threads = _merged(raw, profile, exp, "train").get("threads")
+        train_cfg = _merged(raw, profile, exp, "train")
+        threads = train_cfg.get("threads")
         init = exp.get("init_from")
         teacher = (exp.get("distill") or {}).get("teacher")
         # the code this experiment's commands run: its model's modules (and its teacher's)
@@ -169,7 +170,9 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
                                         "--metrics", metrics, *extra], res),
                                 exp_keys + train_keys,
                                 deps=[root, manifest]
-                                + _code("effdetr.engine.train", *model_code, *distill_code)
+                                + _code("effdetr.engine.train", *model_code, *distill_code,
+                                        # train.val_every: the training evaluates (engine.train.validate)
+                                        *(["effdetr.engine.evaluate"] if train_cfg.get("val_every") else []))
                                 + COMMON_SRC
                                 + ([backbone_file] if "--backbone" in extra else []) + weights,
                                 outs=[ckpt], metrics=[metrics], heavy=True, threads=threads, resources=res))

@@ -74,7 +74,7 @@ def effdetr(argv: list[str]) -> int:
         cmd = stages.stage_command(st.cmd)
         args = cmd[1:] if cmd[0] == "effdetr" else cmd[cmd.index("effdetr.cli") + 1:]
         if args == argv:
-            for out in st.outs + st.metrics:
+            for out in st.outs + st.metrics + st.plots:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
                 Path(out).write_text("{}")
             for out in st.out_dirs:

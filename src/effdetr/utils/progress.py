@@ -1,5 +1,6 @@
-"""Training progress: a tqdm bar (with ETA) on a terminal; elsewhere (SLURM logs, Snakemake's
-log files) one plain line every ``every_s`` seconds, with the same figures and an ETA."""
+"""Training progress: a tqdm bar (with ETA) on stderr when it is a terminal; elsewhere (SLURM
+logs, Snakemake's log files) one plain line on stdout every ``every_s`` seconds, with the same
+figures and an ETA."""
 from __future__ import annotations
 
 import sys
@@ -13,9 +14,12 @@ def _hms(seconds: float) -> str:
 
 class Progress:
     def __init__(self, every_s: float, stream=None):
+        """``stream``: where both the bar and the lines go (default: the bar to stderr, the
+        lines to stdout, as before tqdm)."""
         self.every_s = every_s
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.bar_stream = stream or sys.stderr
+        self.stream = stream or sys.stdout
+        self.tty = self.bar_stream.isatty()
         self.bar = None
         self.epoch = self.total = self.start = 0
         self.t0 = self.last = 0.0
@@ -27,7 +31,7 @@ class Progress:
         self.t0, self.last = time.time(), 0.0
         if self.tty:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch}", unit="it", file=self.stream,
+            self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch}", unit="it", file=self.bar_stream,
                             dynamic_ncols=True, leave=True)
 
     def update(self, it: int, loss: float, lr: float, images_per_s: float) -> None:
