@@ -29,10 +29,26 @@ def env_for(tmp_path: Path, count: int, **extra) -> dict:
     return env
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_holder_outlives_its_test():
+    """A failing test must not leave its holders polling for their stop file forever."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+
+
 def start(tmp_path: Path, name: str, n: int, env: dict) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "effdetr.cli", "gpus", str(n), "--", sys.executable, "-c", HOLDER,
            str(tmp_path / f"{name}.seen"), str(tmp_path / f"{name}.stop")]
-    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    STARTED.append(proc)
+    return proc
 
 
 def seen(tmp_path: Path, name: str, polls: int = 1200) -> str:
