@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from ..claims import KINDS, NEEDS_VS, TOLERANCES, claim_keys, row_claims
+from ..claims import NEEDS_VS, TOLERANCES, claim_keys, claim_kind, claim_problem, row_claims
 
 TOP_KEYS = {"paper", "tables"}
 TABLE_KEYS = {"title", "protocol", "metrics", "rows", "kind", "figure"}
@@ -47,19 +47,12 @@ def _name_list(v) -> bool:
 
 
 def _check_claim(claim, key: str, row_key: str, row: dict, table: dict, err) -> None:
+    problem = claim_problem(claim)
+    if problem is not None:
+        err(key + problem[0], problem[1])
     if claim == "reference":
         return
-    if not isinstance(claim, dict):
-        err(key, f"a claim is 'reference' or a mapping with one of {', '.join(KINDS)}, got {claim!r}")
-    unknown = sorted(set(claim) - set(KINDS) - {"metric", "vs"})
-    if unknown:
-        err(f"{key}.{unknown[0]}", f"unknown claim key (a claim has one of {', '.join(KINDS)}, "
-                                   "plus `metric` and, for max_drop / max_ratio, `vs`)")
-    kinds = [k for k in KINDS if k in claim]
-    if len(kinds) != 1:
-        err(key, f"a claim has exactly one kind of {', '.join(KINDS)}, got "
-                 f"{', '.join(kinds) if kinds else 'none'} in {claim!r}")
-    kind = kinds[0]
+    kind = claim_kind(claim, key)
     metrics, rows = table["metrics"], table["rows"]
     if "metric" in claim and claim["metric"] not in metrics:
         err(f"{key}.metric", f"unknown metric {claim['metric']!r} (the table's metrics: {', '.join(metrics)})")
