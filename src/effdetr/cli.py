@@ -501,6 +501,16 @@ def cmd_bench(args) -> None:
     if args.op == "ddp":
         _bench_ddp(args)
         return
+    if args.op == "step":
+        from .evaluation.step_bench import format_result, run_step_bench
+        if not args.experiment:
+            raise ValueError("bench step: --experiment is required")
+        result = run_step_bench(Path(args.params), args.experiment, data=args.data, warmup=args.warmup,
+                                iters=args.repeats, threads=args.threads, batch=args.batch)
+        print(format_result(result))
+        if args.out:
+            _write_json(result, args.out)
+        return
     if args.op == "dag":
         from .evaluation.dag_bench import run_dag_benchmark
         result = run_dag_benchmark(Path.cwd(), Path(args.dag_params), args.cores)
@@ -605,18 +615,20 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="-", help="file to write; - for stdout")
     sp = add("bench", cmd_bench, "benchmark an op (msda: reference vs Triton vs the official CUDA op), "
                                  "the workflow (dag: a cold snakemake run of a small params file) or "
-                                 "data parallelism (ddp)")
-    sp.add_argument("op", choices=["msda", "dag", "ddp"], help="what to benchmark")
+                                 "data parallelism (ddp) or one experiment's training step, phase by phase (step)")
+    sp.add_argument("op", choices=["msda", "dag", "ddp", "step"], help="what to benchmark")
     sp.add_argument("--mode", choices=["procs", "step"], default="procs",
                     help="ddp: N processes vs 1 (procs) or one device's DDP step vs plain (step)")
-    sp.add_argument("--experiment", default=None, help="ddp: the experiment to train")
+    sp.add_argument("--experiment", default=None, help="ddp, step: the experiment to train")
+    sp.add_argument("--threads", type=int, default=None,
+                    help="step: torch threads (default: the experiment's train.threads, else torch's)")
     sp.add_argument("--profile", default=None, help="ddp step: the profile (default: the params file's)")
-    sp.add_argument("--data", default=None, help="ddp procs: the dataset root")
+    sp.add_argument("--data", default=None, help="ddp procs, step: the dataset root (step: default the profile's data.root)")
     sp.add_argument("--nproc", type=int, default=2, help="ddp procs: processes")
     sp.add_argument("--dag-params", default="tests/data/params_tiny.yaml", help="dag: the params file to run")
     sp.add_argument("--cores", type=int, default=2, help="dag: snakemake --cores")
     sp.add_argument("--device", default=None, help="cuda (default when present) or cpu")
-    sp.add_argument("--batch", type=int, default=None, help="msda: 2; ddp step: the experiment's train.batch_size")
+    sp.add_argument("--batch", type=int, default=None, help="msda: 2; ddp step, step: the experiment's train.batch_size")
     sp.add_argument("--warmup", type=int, default=5, help="untimed repeats first")
     sp.add_argument("--repeats", type=int, default=20, help="timed repeats (ddp procs: training steps)")
     sp.add_argument("--out", default=None, help="also write the result as JSON")

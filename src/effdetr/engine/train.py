@@ -43,12 +43,9 @@ from .checkpoint import (
     load_compatible_checkpoint,
     save_atomic,
 )
+from .step import TrainingDiverged, TrainStep
 
 STATE_KEYS = ("model", "optimizer", "epoch", "iter", "step", "history", "meters", "rng")
-
-
-class TrainingDiverged(RuntimeError):
-    """NaN/Inf loss or weights during training (a RuntimeError: the CLI reports it)."""
 
 
 def _read_state(path: Path) -> dict:
@@ -161,20 +158,9 @@ def validate(model, dataset, device, cfg, epoch: int) -> dict:
     return {f"val_{k}": stats[k] for k in VAL_KEYS if k in stats}
 
 
-def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=None,
-          model_builder=build_model, backbone_weights: str | None = None, init: str | None = None,
-          teacher: str | None = None, distill_cfg=None, val_dataset=None) -> dict:
-    """Train ``cfg`` (a ProfileConfig); returns the final epoch's metrics.
-
-    ``backbone_weights``: the pretrain stage's file, for ``backbone.pretrained: pipeline``.
-    ``init``: a trained model file whose weights this run starts from (same architecture).
-    ``teacher`` + ``distill_cfg``: a frozen teacher model file and how to distil it.
-    ``val_dataset``: evaluated every ``train.val_every`` epochs (val_AP, ... in the history).
-    """
-    t = cfg.train
-    device = dist.local_device(resolve_device(t.device))
-    world, rank = dist.world_size(), dist.rank()
-    seed_everything(t.seed)  # the same initial weights on every rank
+def train_dataset(cfg, data_root: str) -> CocoDetection:
+    """The train split with its training transforms; ValueError naming the annotation file
+    when it has nothing to train on."""
     img_dir, ann = split_paths(cfg.data, "train", data_root)
     dataset = CocoDetection(img_dir, ann, build_transforms(cfg.input, train=True), cfg.model.num_classes)
     if dataset.dropped:
@@ -185,6 +171,14 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
     if not any(not a.get("iscrowd", 0) for im in dataset.images for a in dataset.by_image.get(im["id"], ())):
         raise ValueError(f"{ann}: the train split has no usable annotations (every box is crowd, "
                          "dropped or absent): nothing to train on")
+    return dataset
+
+
+def build_parts(cfg, device, model_builder=build_model, backbone_weights: str | None = None,
+                init: str | None = None, teacher: str | None = None, distill_cfg=None):
+    """The model (initialised as the run asks), criterion, frozen teacher and distiller (None
+    without distillation) and AdamW over the parameter groups, all on ``device``."""
+    t = cfg.train
     model = model_builder(cfg.model)
     if init:
         # weights only: the ACT student keeps its own (parameter-free) kernels
@@ -208,6 +202,26 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
     if distiller is not None and any(True for _ in distiller.parameters()):  # adaptation layers (training only)
         groups.append({"params": list(distiller.parameters()), "lr": t.lr, "weight_decay": t.weight_decay})
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    return model, criterion, teacher_model, distiller, optimizer
+
+
+def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=None,
+          model_builder=build_model, backbone_weights: str | None = None, init: str | None = None,
+          teacher: str | None = None, distill_cfg=None, val_dataset=None) -> dict:
+    """Train ``cfg`` (a ProfileConfig); returns the final epoch's metrics.
+
+    ``backbone_weights``: the pretrain stage's file, for ``backbone.pretrained: pipeline``.
+    ``init``: a trained model file whose weights this run starts from (same architecture).
+    ``teacher`` + ``distill_cfg``: a frozen teacher model file and how to distil it.
+    ``val_dataset``: evaluated every ``train.val_every`` epochs (val_AP, ... in the history).
+    """
+    t = cfg.train
+    device = dist.local_device(resolve_device(t.device))
+    world, rank = dist.world_size(), dist.rank()
+    seed_everything(t.seed)  # the same initial weights on every rank
+    dataset = train_dataset(cfg, data_root)
+    model, criterion, teacher_model, distiller, optimizer = build_parts(
+        cfg, device, model_builder, backbone_weights, init, teacher, distill_cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     iters_per_epoch = dist.steps_per_epoch(len(dataset), t.batch_size, world)
     if t.max_iters_per_epoch:
@@ -264,6 +278,8 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=getattr(model, "ddp_find_unused_parameters", False))
     amp = t.amp and device.type == "cuda"
+    stepper = TrainStep(net, model, criterion, optimizer, num_aux, t.clip_max_norm, amp, device,
+                        distiller=distiller, teacher=teacher_model, where=resumed)
     for epoch in range(start_epoch, t.epochs):
         skip = start_iter * t.batch_size * world if epoch == start_epoch else 0
         batches = dist.ShardedBatches(EpochSampler(len(dataset), t.seed, epoch, skip).items, t.batch_size,
@@ -287,33 +303,7 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
                 g["lr"] = base * lr_factor(t, epoch, step)
             images, masks = images.to(device), masks.to(device)
             targets = [{k: v.to(device) for k, v in tg.items()} for tg in targets]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                outputs = net(images, masks)
-            losses = criterion(outputs, targets)
-            total = criterion.total(losses, num_aux)
-            if distiller is not None:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    teacher_out = teacher_model(images, masks)
-                kd = distiller(outputs, teacher_out, targets=targets, student=model, teacher=teacher_model,
-                               criterion=criterion, num_aux=num_aux)
-                total = total + distiller.total(kd)
-                losses.update(kd)
-            # the global batch's losses (rank means; a single process's own): every rank logs,
-            # and stops on a non-finite loss, together
-            values = [total] + list(losses.values())
-            if world > 1:
-                values = list(dist.mean_tensor(torch.stack([v.detach().float() for v in values])).unbind())
-            total_g, losses_g = values[0], dict(zip(losses, values[1:]))
-            if not torch.isfinite(total_g):
-                raise TrainingDiverged(f"training diverged{resumed}: loss is {total_g.item()} at epoch {epoch} "
-                                       f"iter {it}; components: { {k: v.item() for k, v in losses_g.items()} }")
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if distiller is not None:
-                dist.average_gradients(distiller.parameters())  # outside the DDP module
-            if t.clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_max_norm)
-            optimizer.step()
+            total_g, losses_g = stepper.run(images, masks, targets, epoch, it)
             it += 1
             step += 1
             seen += len(images) * world
