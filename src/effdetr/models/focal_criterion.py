@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.dist import mean_over_ranks
-from .criterion import matched_box_losses
+from .criterion import matched_box_losses, matched_index, matched_labels
 from .matcher import HungarianMatcher
 
 
@@ -46,8 +46,7 @@ class FocalSetCriterion(nn.Module):
             indices = self.matcher(out, targets)
         logits = out["pred_logits"].float()
         onehot = torch.zeros_like(logits)
-        for i, (src, tgt) in enumerate(indices):
-            onehot[i, src.to(logits.device), targets[i]["labels"][tgt]] = 1.0
+        onehot[(*matched_index(indices, logits.device), matched_labels(targets, indices))] = 1.0
         losses = {"loss_ce": sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma).sum() / num_boxes,
                   **matched_box_losses(out, targets, indices, num_boxes)}
         return {k + suffix: v for k, v in losses.items()}
