@@ -32,6 +32,16 @@ def test_snakemake_rules_are_the_stage_kinds_and_their_jobs_the_dvc_stages():
     plan = snakemake("-n", "--forceall", "--cores", "2", "all")
     assert plan.returncode == 0, plan.stderr
     assert set(planned_stages(plan.stdout)) - {"all"} == set(dvc)
+    # priority: the stages downstream of a job; the teacher that ACT, MTKD and the DETRDistill
+    # students wait on goes before a baseline only its eval and tables read
+    table = {st.name: st for st in stages.build_stages(stages.load_raw(str(REPO / "params.yaml")))}
+    planned = planned_stages(plan.stdout)
+    prio = {name: int(re.search(r"^\s+priority: (\d+)$", block, flags=re.M).group(1))
+            if re.search(r"^\s+priority:", block, flags=re.M) else 0 for name, block in planned.items()}
+    assert all(prio[n] == table[n].priority for n in dvc)
+    trainings = {n: p for n, p in prio.items() if n.startswith("train_")}
+    assert max(trainings, key=trainings.get) == "train_detr_dc5"
+    assert prio["pretrain"] > prio["train_detr_dc5"] > prio["train_sparse_detr_rho0p1"] > prio["eval_sparse_detr_rho0p1"]
     graph = snakemake("--rulegraph", "--forceall", "--cores", "2", "all")
     assert graph.returncode == 0, graph.stderr
     assert len(re.findall(r"label = \"", graph.stdout)) == 9  # the 8 kinds + all

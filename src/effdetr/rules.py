@@ -83,6 +83,9 @@ class RuleKind:
     def threads(self, cores: int | None):
         return lambda wildcards: self.stage(wildcards).rule_threads(cores)
 
+    def priority(self, wildcards) -> int:
+        return self.stage(wildcards).priority
+
     def resource(self, key: str):
         return lambda wildcards: self.stage(wildcards).resources[key]
 

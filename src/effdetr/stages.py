@@ -49,6 +49,8 @@ class Stage:
     key: str = ""
     # per-epoch histories (DVC `plots:`; a training's curves)
     plots: list[str] = field(default_factory=list)
+    # Snakemake `priority:` (set by build_stages: how many stages wait on this one)
+    priority: int = 0
 
     def __post_init__(self):
         if not self.kind:
@@ -257,7 +259,34 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
         st.outs += [str(provenance_path(m)) for m in st.metrics]
         if st.kind in ("train", "pretrain"):
             st.plots += [str(history_path(m)) for m in st.metrics]
+    _set_priorities(stages)
     return stages
+
+
+def _set_priorities(stages: list[Stage]) -> None:
+    """Each stage's priority = the number of stages downstream of it, transitively. Among the
+    jobs that can start, Snakemake then runs first the one that unblocks the most work: the
+    DETR-DC5 teacher (ACT, MTKD and the DETRDistill students wait on it) before a baseline
+    that only its eval and a table read, so the cores do not idle on a long tail at the end."""
+    producer = {o: st.name for st in stages for o in st.all_outputs()}
+    children: dict[str, set[str]] = {st.name: set() for st in stages}
+    for st in stages:
+        for dep in st.deps:
+            if dep in producer and producer[dep] != st.name:
+                children[producer[dep]].add(st.name)
+    below: dict[str, set[str]] = {}
+
+    def downstream(name: str) -> set[str]:
+        if name not in below:
+            below[name] = set()  # the table is acyclic; this only guards the recursion
+            found = set(children[name])
+            for child in children[name]:
+                found |= downstream(child)
+            below[name] = found
+        return below[name]
+
+    for st in stages:
+        st.priority = len(downstream(st.name))
 
 
 def _plan_experiments(plan) -> list[str]:

@@ -18,6 +18,8 @@ for kind in RULE_KINDS:
             kind.benchmark
         wildcard_constraints:
             **kind.constraints,
+        # the stages downstream of this job: what unblocks the most work starts first
+        priority: kind.priority
         conda:
             "../envs/effdetr.yaml"
         threads: kind.threads(workflow.resource_settings.cores)
