@@ -502,9 +502,16 @@ def cmd_bench(args) -> None:
         _bench_ddp(args)
         return
     if args.op == "step":
-        from .evaluation.step_bench import format_result, run_step_bench
+        from .evaluation.step_bench import compare, format_compare, format_result, run_step_bench
         if not args.experiment:
             raise ValueError("bench step: --experiment is required")
+        if args.baseline:
+            result = compare(Path(args.params), args.experiment.split(","), args.baseline, data=args.data,
+                             rounds=args.rounds, warmup=args.warmup, iters=args.repeats, threads=args.threads)
+            print(format_compare(result))
+            if args.out:
+                _write_json(result, args.out)
+            return
         result = run_step_bench(Path(args.params), args.experiment, data=args.data, warmup=args.warmup,
                                 iters=args.repeats, threads=args.threads, batch=args.batch)
         print(format_result(result))
@@ -620,6 +627,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", choices=["procs", "step"], default="procs",
                     help="ddp: N processes vs 1 (procs) or one device's DDP step vs plain (step)")
     sp.add_argument("--experiment", default=None, help="ddp, step: the experiment to train")
+    sp.add_argument("--baseline", default=None,
+                    help="step: also run a git revision's code, alternating, and print the CPU-time ratios "
+                         "(--experiment may then list several, comma-separated)")
+    sp.add_argument("--rounds", type=int, default=2, help="step --baseline: runs per code version")
     sp.add_argument("--threads", type=int, default=None,
                     help="step: torch threads (default: the experiment's train.threads, else torch's)")
     sp.add_argument("--profile", default=None, help="ddp step: the profile (default: the params file's)")

@@ -77,9 +77,9 @@ def run_step_bench(params: Path, experiment: str, data: str | None = None, warmu
 
     from ..config import experiment_config
     from ..data.coco import collate
-    from ..utils.repro import resolve_device, seed_everything
     from ..engine.step import TrainStep
     from ..engine.train import EpochSampler, SeededSamples, build_parts, train_dataset
+    from ..utils.repro import resolve_device, seed_everything
 
     cfg, exp = experiment_config(params, experiment)
     if batch:
@@ -145,3 +145,64 @@ def format_result(r: dict) -> str:
                 f"{r['images_per_s']:.1f} img/s; data {r['data_ms_per_batch']:.1f} ms/batch")
     rows += [f"  note: {s}" for s in r["substituted"]]
     return "\n".join([head] + rows)
+
+
+def _tree_of(rev: str, dest: Path) -> Path:
+    """``src/`` of git revision ``rev`` extracted under ``dest`` (no checkout is touched)."""
+    import io
+    import subprocess
+    import tarfile
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()
+    blob = subprocess.run(["git", "-C", top, "archive", rev, "src"], capture_output=True, check=False)
+    if blob.returncode != 0:
+        raise ValueError(f"bench step --baseline {rev}: not a revision of {top} ({blob.stderr.decode().strip()})")
+    with tarfile.open(fileobj=io.BytesIO(blob.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    if not (dest / "src/effdetr/evaluation/step_bench.py").exists():
+        raise ValueError(f"bench step --baseline {rev}: that revision has no `effdetr bench step`; compare "
+                         "against a revision that has it (the one that added it, or later)")
+    return dest / "src"
+
+
+def compare(params: Path, experiments: list[str], baseline: str, data: str | None = None, rounds: int = 2,
+            warmup: int = 2, iters: int = 8, threads: int | None = None) -> dict:
+    """The step of each experiment under ``baseline``'s code and this checkout's, in alternating
+    subprocesses (``rounds`` each, the same params and data), so load drifts hit both alike.
+    Ratios are baseline / current of the median CPU ms per step (> 1: the current code is cheaper)."""
+    import json
+    import os
+    import statistics
+    import subprocess
+    import sys
+    here = Path(__file__).resolve().parents[2]
+    out: dict = {"baseline": baseline, "params": str(params), "rounds": rounds, "experiments": {}}
+    with tempfile.TemporaryDirectory(prefix="effdetr-step-baseline-") as tmp:
+        trees = {"baseline": _tree_of(baseline, Path(tmp)), "current": here}
+        for exp in experiments:
+            runs = {"baseline": [], "current": []}
+            for _ in range(rounds):
+                for label, src in trees.items():
+                    res = Path(tmp) / f"{exp}-{label}.json"
+                    cmd = [sys.executable, "-m", "effdetr.cli", "bench", "step", "--experiment", exp, "--params",
+                           str(params), "--warmup", str(warmup), "--repeats", str(iters), "--out", str(res)]
+                    cmd += ["--data", data] if data else []
+                    cmd += ["--threads", str(threads)] if threads else []
+                    r = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True, text=True)
+                    if r.returncode != 0:
+                        raise RuntimeError(f"bench step of {exp} under the {label} code failed:\n{r.stderr[-2000:]}")
+                    runs[label].append(json.loads(res.read_text()))
+            med = {label: {k: statistics.median(r[k] for r in rs) for k in ("step_cpu_ms", "step_wall_ms", "images_per_s")}
+                   for label, rs in runs.items()}
+            out["experiments"][exp] = {**med, "cpu_ratio": med["baseline"]["step_cpu_ms"] / med["current"]["step_cpu_ms"],
+                                       "phases": {label: rs[-1]["phases"] for label, rs in runs.items()},
+                                       "threads": runs["current"][-1]["threads"], "batch": runs["current"][-1]["batch"]}
+    return out
+
+
+def format_compare(r: dict) -> str:
+    rows = [f"[bench step] {r['baseline']} -> this checkout, median of {r['rounds']} alternating runs each",
+            f"  {'experiment':<34} {'base cpu ms':>11} {'now cpu ms':>10} {'ratio':>6} {'base img/s':>10} {'now img/s':>9}"]
+    for exp, v in r["experiments"].items():
+        rows.append(f"  {exp:<34} {v['baseline']['step_cpu_ms']:11.1f} {v['current']['step_cpu_ms']:10.1f} "
+                    f"{v['cpu_ratio']:6.2f} {v['baseline']['images_per_s']:10.1f} {v['current']['images_per_s']:9.1f}")
+    return "\n".join(rows)
