@@ -290,6 +290,19 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     assert "sparse_detr_r50_rho0p1" in (workdir / "reports/metrics/flops.json").read_text()
     assert "[[72, 88]]" in (workdir / "reports/tables/sparse_flops.md").read_text()
     assert (workdir / "reports/figures/sparse_main/sparse_ap_vs_gflops.png").stat().st_size > 1000
+    # ... and its points as the data files dvc.yaml's top-level plots read (`dvc plots show`)
+    from effdetr.reporting.paper import load_paper_tables
+    fig_spec = load_paper_tables()["sparse_main"]
+    from effdetr import stages
+    top_plots = yaml.safe_load(stages.render_dvc(stages.load_raw(str(workdir / "params.yaml"))))["plots"]
+    files = {path for entry in top_plots for plot in entry.values() for path in plot["y"]}
+    assert files == {f"reports/figures/sparse_main/sparse_ap_vs_gflops_{s}.json" for s in ("paper", "reproduced")}
+    points = {s: json.loads((workdir / f"reports/figures/sparse_main/sparse_ap_vs_gflops_{s}.json").read_text())
+              for s in ("paper", "reproduced")}
+    rho03 = fig_spec["rows"]["sparse_detr_rho0p3"]
+    assert {"model": rho03["label"], "gflops_total": rho03["gflops_total"], "AP": rho03["AP"]} in points["paper"]
+    assert {"model": rho03["label"], "gflops_total": pytest.approx(sp["gmacs_total"]), "AP": sp["AP"]} \
+        in points["reproduced"]
     # Every table, cell by cell: reproduced = its metrics file, verdicts are verdicts.
     from effdetr.reporting.paper import load_paper_tables
     specs = load_paper_tables()

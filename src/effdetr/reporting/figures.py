@@ -2,11 +2,17 @@
 names, the training curves of its experiments, and ACT's prototypes per encoder layer."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .plan import TablePlan
 from ..utils.records import history_path
 from .values import read_json
+
+
+def tradeoff_data_file(figure_file: str, source: str) -> str:
+    """``sparse_ap_vs_gflops.png`` + ``paper`` -> ``sparse_ap_vs_gflops_paper.json``."""
+    return f"{Path(figure_file).stem}_{source}.json"
 
 
 def table_figures(plan: TablePlan, reproduced: dict[str, dict], metrics_dir: Path, fig_dir: Path) -> list[Path]:
@@ -29,6 +35,12 @@ def table_figures(plan: TablePlan, reproduced: dict[str, dict], metrics_dir: Pat
         out = fig_dir / fig["file"]
         plot_tradeoff(series, fig["x"], fig["y"], spec["title"], out, baselines)
         written.append(out)
+        # the same points as data: `dvc plots show` draws them (dvc.yaml's top-level plots)
+        for source, points in series.items():
+            data = fig_dir / tradeoff_data_file(fig["file"], source)
+            rows = [{"model": label, fig["x"]: x, fig["y"]: y} for label, (x, y) in points.items()]
+            data.write_text(json.dumps(rows, indent=1) + "\n")
+            written.append(data)
     for name in plan.curves:
         history = read_json(history_path(metrics_dir / name / "train.json"))
         if history:
