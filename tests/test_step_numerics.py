@@ -127,3 +127,25 @@ def test_attention_map_equals_one_scatter_per_layer_and_corner():
     sampling = [(torch.rand(2, 20, 4, 3, 4, 2, generator=g) * 1.2 - 0.1,
                  torch.rand(2, 20, 4, 3, 4, generator=g)) for _ in range(6)]
     assert torch.equal(attention_map(sampling, shapes), attention_map_per_layer(sampling, shapes))
+
+
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_batched_teacher_student_matching_equals_per_image_matching(sigmoid):
+    """DETRDistill's teacher-student matching as one [B,T,S] cost: each image's block equals its
+    per-image cost (within 1e-6: a batched matmul may sum the class products in another order)
+    and the assignments are identical."""
+    from effdetr.distill.detrdistill import class_divergence, match_predictions
+    from effdetr.utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+    g = torch.Generator().manual_seed(7)
+    k = 6 if sigmoid else 7
+    t = {"pred_logits": torch.randn(4, 20, k, generator=g), "pred_boxes": torch.rand(4, 20, 4, generator=g) * 0.4 + 0.2}
+    s = {"pred_logits": torch.randn(4, 12, k, generator=g), "pred_boxes": torch.rand(4, 12, 4, generator=g) * 0.4 + 0.2}
+    got = match_predictions(t, s, sigmoid)
+    for b in range(4):
+        tl, sl, tb, sb = t["pred_logits"][b], s["pred_logits"][b], t["pred_boxes"][b], s["pred_boxes"][b]
+        cost = (class_divergence(tl, sl, sigmoid) + 5 * torch.cdist(tb, sb, p=1)
+                - 2 * generalized_box_iou(box_cxcywh_to_xyxy(tb), box_cxcywh_to_xyxy(sb)))
+        ti, si = linear_sum_assignment(cost.numpy())
+        assert torch.equal(got[b][0], torch.as_tensor(ti)) and torch.equal(got[b][1], torch.as_tensor(si))
+        batched = class_divergence(t["pred_logits"], s["pred_logits"], sigmoid)[b]
+        torch.testing.assert_close(batched, class_divergence(tl, sl, sigmoid), rtol=1e-6, atol=1e-6)

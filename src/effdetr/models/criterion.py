@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from ..utils.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from ..utils.dist import mean_over_ranks
 from .matcher import HungarianMatcher
 
@@ -30,7 +30,7 @@ def matched_box_losses(out: dict, targets: list[dict], indices, num_boxes: float
     if len(pred) == 0:
         giou = pred.sum()
     else:
-        giou = (1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt)))).sum() / num_boxes
+        giou = (1 - paired_generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))).sum() / num_boxes
     return {"loss_bbox": l1, "loss_giou": giou}
 
 
