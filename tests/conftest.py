@@ -56,3 +56,21 @@ def one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def planned_stages(dry_run_stdout: str) -> dict[str, str]:
+    """Stage name -> its job block, for each job of a `snakemake -n` printout: ``rule train``
+    with ``wildcards: experiment=x`` is stage ``train_x`` (as in dvc.yaml); named targets
+    (all, released, paper_*) by their rule name."""
+    import re
+
+    from effdetr.rules import job_stage_name
+    jobs = {}
+    for block in re.split(r"^(?=(?:local)?rule \w+:)", dry_run_stdout, flags=re.M):
+        head = re.match(r"(?:local)?rule (\w+):", block)
+        if not head:
+            continue
+        wc = re.search(r"^\s+wildcards: (.+)$", block, flags=re.M)
+        wildcards = dict(kv.split("=", 1) for kv in wc.group(1).split(", ")) if wc else {}
+        jobs[job_stage_name(head.group(1), wildcards)] = block
+    return jobs

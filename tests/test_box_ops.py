@@ -54,3 +54,24 @@ def test_format_round_trip():
     gen = torch.Generator().manual_seed(2)
     b = random_boxes(9, gen)
     assert torch.allclose(box_cxcywh_to_xyxy(box_xyxy_to_cxcywh(b)), b)
+
+
+def test_paired_giou_is_the_diagonal_of_the_pairwise_matrix_with_its_gradients():
+    """Same floats and same gradients as diag(generalized_box_iou(a, b)), which the losses used
+    to build as an N x N matrix; including identical, nested and disjoint pairs."""
+    from effdetr.utils.box_ops import generalized_box_iou, paired_generalized_box_iou
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(40, 2, generator=g)
+    a = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 0.5 + 0.01], 1)
+    b = a.clone()
+    b[10:] = torch.cat([xy[10:] + 0.1, xy[10:] + 0.3], 1)  # shifted; the first ten identical
+    b[30:] = torch.cat([xy[30:] + 2.0, xy[30:] + 2.5], 1)  # disjoint: GIoU < 0
+    grads = []
+    for fn in (lambda x, y: torch.diag(generalized_box_iou(x, y)), paired_generalized_box_iou):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        out = fn(x, y)
+        (out * torch.linspace(-1, 1, 40)).sum().backward()
+        grads.append((out.detach(), x.grad, y.grad))
+    for new, old in zip(grads[1], grads[0]):
+        assert torch.equal(new, old)
+    assert (grads[1][0][30:] < 0).all() and torch.allclose(grads[1][0][:10], torch.ones(10))

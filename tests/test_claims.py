@@ -1,6 +1,14 @@
 """Claim verdicts are computed from reproduced numbers only, per metric."""
 from effdetr.reporting.claims import judge
-from effdetr.reporting.tables import table_rows
+from effdetr.reporting.plan import TablePlan
+from effdetr.reporting.tables import csv_rows, markdown_table, table_cells
+
+
+def plan_of(spec: dict, extra=(), run=None, families=None) -> TablePlan:
+    """The plan a table stage would get: the spec's rows, then extra experiments."""
+    rows = list(spec["rows"]) + list(extra)
+    return TablePlan("t", {"table": "t", **spec}, "eval", rows, list(run if run is not None else rows),
+                     families=dict(families or {}))
 
 SPEC = {
     "metrics": ["AP", "gflops"],
@@ -37,11 +45,54 @@ def test_missing_numbers_say_not_run_and_paper_tolerance_uses_paper():
                  "paper_scale").startswith("no (-20.0%")
 
 
-def test_table_rows_skip_empty_cells_and_add_extra_experiments():
-    rows = table_rows(SPEC, {"base": {"AP": 10.0}, "extra": {"AP": 3.0}}, ["extra"])
-    labels = [(r[0], r[1]) for r in rows]
-    assert ("Tuned", "gflops") not in labels  # neither a paper nor a reproduced number
-    assert ("extra", "AP") in labels and rows[-1][2] == "—"
+def test_off_scale_cells_show_each_rows_change_against_the_reference_paper_beside_ours():
+    rep = {"base": {"AP": 10.0, "gflops": 1.0}, "fast": {"AP": 8.0, "gflops": 0.9}, "extra": {"AP": 3.0}}
+    plan = plan_of(SPEC, extra=["extra"])
+    rows = {r["key"]: r for r in table_cells(plan, rep)}
+    fast = rows["fast"]["cells"]["AP"]
+    assert (fast["paper"], fast["reproduced"]) == (39.0, 8.0)
+    assert (fast["paper_change"], fast["reproduced_change"]) == (-1.0, -2.0)
+    assert rows["fast"]["reference"] == "base" and rows["base"]["reference"] is None
+    assert rows["base"]["claim"] == "reference"
+    assert rows["fast"]["claim"] == "AP: no (drop 2.00 vs base, allowed 1.5); GFLOPs: yes (-0.1 vs base)"
+    md = markdown_table(plan, list(rows.values())).splitlines()
+    assert md[0] == "| model | AP paper | AP ours | GFLOPs paper | GFLOPs ours | claims |"
+    assert md[2].startswith("| Base (reference) | 40.00 | 10.00 | 10.00 | 1.00 | reference |")
+    assert md[3].startswith("| Fast | 39.00 (-1.00) | 8.00 (-2.00) | 8.00 (-2.00) | 0.90 (-0.10) |")
+    # a paper row not run keeps its paper numbers and its change; this repo's extra row has none
+    assert md[4].startswith("| Tuned | 39.50 (-0.50) | — | — | — |")
+    assert md[6] == "| extra | — | 3.00 (-7.00) | — | — | — |"
+    # the CSV: one line per (row, metric) with a number, the same cells unformatted by mode
+    lines = csv_rows(plan, list(rows.values()))
+    assert ["Tuned", "tuned", "gflops"] not in [r[:3] for r in lines]  # neither a paper nor a reproduced number
+    assert ["Fast", "fast", "AP", "39.00", "8.00", "base", "-1.00".replace("-", "-"), "-2.00", "-31.00"] == \
+        lines[[r[:3] for r in lines].index(["Fast", "fast", "AP"])][:9]
+
+
+def test_paper_scale_cells_show_reproduced_minus_paper_and_changes_skip_gains():
+    spec = {"metrics": ["AP", "AP_gain"], "rows": {
+        "base": {"label": "Base", "AP": 40.0, "claims": ["reference"]},
+        "kd": {"label": "KD", "AP": 42.0, "AP_gain": 2.0, "gain_vs": "base"}}}
+    rep = {"base": {"AP": 39.5}, "kd": {"AP": 41.0, "AP_gain": 1.5}}
+    plan = plan_of(spec)
+    md = markdown_table(plan, table_cells(plan, rep, paper_scale=True)).splitlines()
+    assert md[2] == "| Base (reference) | 40.00 | 39.50 (-0.50) | — | — | reference |"
+    assert md[3] == "| KD | 42.00 | 41.00 (-1.00) | 2.00 | 1.50 (-0.50) | — |"
+    off = markdown_table(plan, table_cells(plan, rep)).splitlines()
+    assert off[3] == "| KD | 42.00 (+2.00) | 41.00 (+1.50) | 2.00 | 1.50 | — |"  # a gain has no change
+
+
+def test_each_row_is_compared_with_the_nearest_reference_above_it_or_its_own_ref():
+    """A table of pairs (ACT vs K-means at each L) has a reference per pair."""
+    spec = {"metrics": ["AP"], "rows": {
+        "first": {"label": "F", "AP": 41.0},
+        "a": {"label": "A", "AP": 40.0, "claims": ["reference"]}, "a2": {"label": "A2", "AP": 39.0},
+        "b": {"label": "B", "AP": 30.0, "claims": ["reference"]}, "b2": {"label": "B2", "AP": 29.0},
+        "c": {"label": "C", "AP": 38.0, "ref": "a"}}}
+    rows = {r["key"]: r for r in table_cells(plan_of(spec), {k: {"AP": 1.0} for k in spec["rows"]})}
+    assert {k: r["reference"] for k, r in rows.items()} == {"first": "a", "a": None, "a2": "a", "b": None,
+                                                            "b2": "b", "c": "a"}
+    assert rows["b2"]["cells"]["AP"]["paper_change"] == -1.0 and rows["c"]["cells"]["AP"]["paper_change"] == -2.0
 
 
 def test_seed_rows_average_with_sample_sd_and_gains_use_the_means(tmp_path):
@@ -49,11 +100,11 @@ def test_seed_rows_average_with_sample_sd_and_gains_use_the_means(tmp_path):
 
     import pytest
 
-    from effdetr.reporting.tables import add_gains, seed_values
+    from effdetr.reporting.values import add_gains, seed_values
     for name, ap in (("s1", 0.30), ("s2", 0.34), ("d1", 0.35), ("d2", 0.37)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "eval.json").write_text(json.dumps({"stats": {"AP": ap, "gmacs_total": 1.5},
-                                                               "provenance": {"git": {}}}))
+        (tmp_path / name / "eval.json").write_text(json.dumps({"AP": ap, "gmacs_total": 1.5}))
+        (tmp_path / name / "eval.provenance.json").write_text(json.dumps({"provenance": {"git": {}}}))
     base, prov = seed_values(tmp_path, ["s1", "s2"])
     assert base["AP"] == pytest.approx(32.0) and base["AP_sd"] == pytest.approx(2 * 2 ** 0.5)
     assert base["seeds"] == 2 and len(prov) == 2
@@ -94,23 +145,41 @@ def test_family_spread_is_measured_from_its_runs_and_named_under_the_table(tmp_p
 
     import pytest
 
-    from effdetr.reporting.tables import seed_spreads, spread_note, table_rows
+    from effdetr.reporting.tables import spread_note
+    from effdetr.reporting.values import seed_spreads
     for name, ap in (("base", 0.300), ("base_s2", 0.312), ("fast", 0.295)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "eval.json").write_text(json.dumps({"stats": {"AP": ap}, "provenance": {"git": {}}}))
+        (tmp_path / name / "eval.json").write_text(json.dumps({"AP": ap}))
     spreads = seed_spreads(tmp_path, {"fam": ["base", "base_s2"], "later": ["fast", "not_run"]})
     assert spreads["fam"]["AP"] == pytest.approx(1.2) and "later" not in spreads
     spec = {"metrics": ["AP"], "rows": {"base": {"label": "B", "claims": ["reference"]},
                                          "fast": {"label": "F", "claims": [{"metric": "AP", "lower": "base"}]}}}
     rep = {"base": {"AP": 30.0}, "fast": {"AP": 29.5}}
-    rows = table_rows(spec, rep, spreads={"fast": spreads["fam"]})
-    assert rows[1][-1] == "inconclusive: -0.50 vs base, within the seed spread 1.20"
-    assert table_rows(spec, rep)[1][-1] == "yes (-0.50 vs base)"
-    experiments = {"base": ("base", {"family": "fam"}), "fast": ("fast", {"family": "fam"}),
-                   "other": ("other", {"family": "later"})}
-    note = spread_note(["base", "fast", "other"], experiments, spreads, {"base", "base_s2"})
+    rows = table_cells(plan_of(spec), rep, spreads={"fast": spreads["fam"]})
+    assert rows[1]["claim"] == "AP: inconclusive: -0.50 vs base, within the seed spread 1.20"
+    assert table_cells(plan_of(spec), rep)[1]["claim"] == "AP: yes (-0.50 vs base)"
+    plan = plan_of({"metrics": ["AP"], "rows": {"base": {}, "base_s2": {}, "fast": {}, "other": {}}},
+                   families={"base": "fam", "fast": "fam", "other": "later"})
+    plan.run = ["fast", "other"]
+    note = spread_note(plan, spreads)
     assert "Rows with one run: fast, other." in note
     assert "`fam` 1.20 AP (base, base_s2)" in note and "`later` not measured yet" in note
+
+
+def test_claim_counts_count_each_rows_verdicts_once(tmp_path):
+    import csv
+
+    from effdetr.reporting.tables import CSV_COLUMNS, claim_counts
+    claims = {"a": "reference", "b": "AP: yes (drop 0.10 vs a, allowed 1.4); GFLOPs: no (+0.01 vs a)",
+              "c": "AP: inconclusive: -0.50 vs a, within the seed spread 1.20; yes (+1.0 vs b)",
+              "d": "AP: not run", "e": "—"}
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for row, claim in claims.items():
+            for metric in ("AP", "GFLOPs"):  # the claim cell repeats on each metric line
+                w.writerow([row.upper(), row, metric, "1", "1", "", "", "", "", claim])
+    assert claim_counts(tmp_path / "t.csv") == {"yes": 2, "no": 1, "inconclusive": 1, "not run": 1}
 
 
 # -- max_ratio: Sparse DETR's "-38 % GFLOPs" and Lite DETR's encoder cuts ---------------------
@@ -188,12 +257,12 @@ def test_tolerance_claim_on_a_metric_without_a_paper_number_is_an_error():
     assert judge(every, "gflops_encoder", None, {"r": {"gflops": 109.0, "gflops_encoder": 5.0}}, "r") == "—"
 
 
-def test_table_rows_name_the_paper_yaml_file_of_a_malformed_claim():
+def test_table_cells_name_the_paper_yaml_file_of_a_malformed_claim():
     import pytest
     spec = {"source": "sparse_detr.yaml", "table": "sparse_main", "metrics": ["AP"],
             "rows": {"r": {"label": "R", "claims": [{"metric": "AP", "max_ratoi": 0.62, "vs": "r"}]}}}
     with pytest.raises(ValueError, match=r"^sparse_detr\.yaml: tables\.sparse_main\.rows\.r\.claims\[0\]: .*max_ratoi"):
-        table_rows(spec, {"r": {"AP": 1.0}})
+        table_cells(plan_of(spec), {"r": {"AP": 1.0}})
 
 
 # -- the paper YAMLs' schema ------------------------------------------------------------------
@@ -250,6 +319,7 @@ BROKEN = {  # what is broken -> (where in sparse_detr.yaml, new value, the key t
     "figure axis not a metric": (SM + ["figure", "y"], "APP", "tables.sparse_main.figure.y"),
     "unknown table kind": (SF + ["kind"], "flop", "tables.sparse_flops.kind"),
     "no citation": (["paper"], _DELETE, "paper"),
+    "ref not a row": (RHO + ["ref"], "deformable_detr_tpok", "tables.sparse_main.rows.sparse_detr_rho0p1.ref"),
 }
 
 
@@ -302,7 +372,7 @@ def test_the_report_checks_the_paper_yamls_before_writing(tmp_path, monkeypatch)
 
     from effdetr import config as C
     from effdetr.reporting import paper
-    from effdetr.reporting.tables import build_reports
+    from effdetr.reporting.index import build_reports
     from tests.conftest import TINY
     broken = tmp_path / "paper"
     shutil.copytree(PAPER_DIR, broken, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
@@ -312,5 +382,6 @@ def test_the_report_checks_the_paper_yamls_before_writing(tmp_path, monkeypatch)
     params, raw = C.load_params(TINY)
     monkeypatch.setattr(paper.resources, "files", lambda name: broken)
     with pytest.raises(paper.PaperSpecError, match=r"act\.yaml: tables\.act_main\.rows\.act_L32\.claims\[0\]\.metric"):
-        build_reports(params, raw, tmp_path / "metrics", tmp_path / "out", "hash", None)
+        build_reports(params, tmp_path / "metrics", tmp_path / "out", {"profile": "synth", "params_hash": "h",
+                                                                       "run_id": None}, False)
     assert not (tmp_path / "out" / "tables" / "act_main.md").exists()

@@ -18,7 +18,9 @@ import yaml
 from PIL import Image
 
 from effdetr.cli import main
+from effdetr.reporting.paper import load_paper_tables
 from tests.conftest import REPO
+from tests.table_check import check_table_cells
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +84,11 @@ def coco_params(tmp_path, coco_root, ckpt):
     prof["train"].update(epochs=1, lr_drop=1, batch_size=2, num_workers=0, device="cpu", log_every_s=0.0,
                          checkpoint_every_iters=1, max_iters_per_epoch=2, amp=False)
     prof["eval"].update(num_workers=0, flops_images=1, fps_iters=1, fps_warmup=0, fps_batch_sizes=[1])
+    # one CPU process: the profile's 8-GPU trainings (and any experiment's own GPU count) off
+    prof["train"]["gpus"] = 0
+    for exp in raw["experiments"].values():
+        exp.get("profile_overrides", {}).get("coco", {}).get("train", {}).pop("gpus", None)
+        exp.get("overrides", {}).get("train", {}).pop("gpus", None)
     raw["experiments"]["detr_dc5_official"]["import_checkpoint"] = {"format": "detr", "file": str(ckpt)}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -104,25 +111,31 @@ def test_coco_profile_commands_on_a_fabricated_coco_tree(tmp_path, monkeypatch, 
     assert (data / "val2017").is_dir()
     assert main(["import", *p, "--experiment", "detr_dc5_official", "--out", "data/checkpoints/detr_dc5_official.pt",
                  "--metrics", str(metrics / "detr_dc5_official" / "import.json")]) == 0
-    imported = json.loads((metrics / "detr_dc5_official" / "import.json").read_text())["imported_from"]
+    imported = json.loads((metrics / "detr_dc5_official" / "import.provenance.json").read_text())["imported_from"]
     assert imported["format"] == "detr" and imported["epoch"] == 499 and len(imported["sha256"]) == 64
     assert main(["eval", *p, "--experiment", "detr_dc5_official", "--data", str(data),
                  "--checkpoint", "data/checkpoints/detr_dc5_official.pt",
                  "--out", str(metrics / "detr_dc5_official" / "eval.json")]) == 0
     ev = json.loads((metrics / "detr_dc5_official" / "eval.json").read_text())
-    assert ev["stats"]["num_images"] == 5 and ev["precision"] == "fp32" and 0.0 <= ev["stats"]["AP"] <= 1.0
+    rec = json.loads((metrics / "detr_dc5_official" / "eval.provenance.json").read_text())
+    assert ev["num_images"] == 5 and rec["precision"] == "fp32" and 0.0 <= ev["AP"] <= 1.0
 
     assert main(["train", *p, "--experiment", "detr_dc5", "--data", str(data), "--out", "data/checkpoints/detr_dc5.pt",
                  "--metrics", str(metrics / "detr_dc5" / "train.json"), "--work-root", "data/work"]) == 0
     tr = json.loads((metrics / "detr_dc5" / "train.json").read_text())
-    assert np.isfinite(tr["final"]["train_loss"]) and len(tr["history"]) == 1
+    history = json.loads((metrics / "detr_dc5" / "train_history.json").read_text())
+    assert np.isfinite(tr["train_loss"]) and len(history) == 1
     assert main(["eval", *p, "--experiment", "detr_dc5", "--data", str(data), "--checkpoint",
                  "data/checkpoints/detr_dc5.pt", "--out", str(metrics / "detr_dc5" / "eval.json")]) == 0
 
     assert main(["report", *p, "--metrics", str(metrics), "--out", str(tmp_path / "reports")]) == 0
     table = (tmp_path / "reports" / "tables" / "act_main.md").read_text()
-    row = [line for line in table.splitlines() if line.startswith("| DETR-DC5 (released checkpoint) | AP |")]
+    row = [line for line in table.splitlines() if line.startswith("| DETR-DC5 (released checkpoint) |")]
     assert row, table
     cells = [c.strip() for c in row[0].strip("|").split("|")]
-    assert cells[2] == "43.30" and float(cells[3]) == pytest.approx(100 * ev["stats"]["AP"], abs=0.006)
+    ap = 1 + 2 * load_paper_tables()["act_main"]["metrics"].index("AP")
+    # at the paper's own scale ours reads "value (reproduced - paper)"
+    assert cells[ap] == "43.30" and float(cells[ap + 1].split()[0]) == pytest.approx(100 * ev["AP"], abs=0.006)
+    assert check_table_cells(table, metrics, load_paper_tables()["act_main"], paper_scale=True) == {
+        "DETR-DC5 (released checkpoint)": "detr_dc5_official", "DETR-DC5": "detr_dc5"}
     print(f"[coco path] fabricated-COCO run: {time.time() - t0:.1f} s")

@@ -5,7 +5,7 @@ import subprocess
 import yaml
 
 from effdetr import stages
-from tests.conftest import BIN, REPO
+from tests.conftest import BIN, REPO, planned_stages
 
 
 def snakemake(*args, cwd=REPO):
@@ -19,12 +19,32 @@ def test_committed_dvc_yaml_is_fresh():
         "dvc.yaml is stale: run `effdetr dag dvc --out dvc.yaml`"
 
 
-def test_snakemake_rules_match_dvc_stages():
+def test_snakemake_rules_are_the_stage_kinds_and_their_jobs_the_dvc_stages():
+    """A handful of rules (one per kind of stage, the experiment or table as wildcard), whose
+    jobs are exactly dvc.yaml's stages; the rule graph has one node per rule."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     r = snakemake("--list-rules")
     assert r.returncode == 0, r.stderr
     rules = {line.strip() for line in r.stdout.splitlines() if line.strip()} - {"all", "released"}
-    assert rules == set(dvc)
+    targets = {r for r in rules if r.startswith("paper_")}  # named targets, no command
+    assert targets == {"paper_act", "paper_detr", "paper_detrdistill", "paper_lite_detr", "paper_sparse_detr"}
+    assert rules - targets == {"data", "pretrain", "train", "eval", "flops", "speed", "table", "report"}
+    plan = snakemake("-n", "--forceall", "--cores", "2", "all")
+    assert plan.returncode == 0, plan.stderr
+    assert set(planned_stages(plan.stdout)) - {"all"} == set(dvc)
+    # priority: the stages downstream of a job; the teacher that ACT, MTKD and the DETRDistill
+    # students wait on goes before a baseline only its eval and tables read
+    table = {st.name: st for st in stages.build_stages(stages.load_raw(str(REPO / "params.yaml")))}
+    planned = planned_stages(plan.stdout)
+    prio = {name: int(re.search(r"^\s+priority: (\d+)$", block, flags=re.M).group(1))
+            if re.search(r"^\s+priority:", block, flags=re.M) else 0 for name, block in planned.items()}
+    assert all(prio[n] == table[n].priority for n in dvc)
+    trainings = {n: p for n, p in prio.items() if n.startswith("train_")}
+    assert max(trainings, key=trainings.get) == "train_detr_dc5"
+    assert prio["pretrain"] > prio["train_detr_dc5"] > prio["train_sparse_detr_rho0p1"] > prio["eval_sparse_detr_rho0p1"]
+    graph = snakemake("--rulegraph", "--forceall", "--cores", "2", "all")
+    assert graph.returncode == 0, graph.stderr
+    assert len(re.findall(r"label = \"", graph.stdout)) == 9  # the 8 kinds + all
 
 
 def test_snakemake_plan_matches_dvc_commands_and_outputs():
@@ -92,10 +112,10 @@ def test_experiment_threads_reach_its_train_and_eval_stages(tmp_path):
     by_name = {st.name: st for st in stages.build_stages(stages.load_raw(params))}
     assert by_name["train_sparse_detr_rho0p1"].threads == 1 and by_name["eval_sparse_detr_rho0p1"].threads == 1
     assert by_name["train_detr_dc5"].threads is None and by_name["train_detr_dc5"].heavy
-    r = snakemake("-n", "--forceall", "--cores", "2", "train_sparse_detr_rho0p1", "train_detr_dc5",
-                  "--config", f"params={params}")
+    r = snakemake("-n", "--forceall", "--cores", "2", "data/checkpoints/sparse_detr_rho0p1.pt",
+                  "data/checkpoints/detr_dc5.pt", "--config", f"params={params}")
     assert r.returncode == 0, r.stderr
-    blocks = {b.split(":", 1)[0]: b for b in r.stdout.split("rule ")[1:]}
+    blocks = planned_stages(r.stdout)
     assert "threads: 2" in blocks["train_detr_dc5"]  # Snakemake prints threads only above 1
     assert "threads:" not in blocks["train_sparse_detr_rho0p1"]
 
@@ -120,7 +140,7 @@ def test_released_target_plans_only_the_imports_and_their_evaluations(tmp_path):
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     r = snakemake("released", "-n", "--forceall", "--config", f"params={params}")
     assert r.returncode == 0, r.stderr
-    jobs = set(re.findall(r"^rule (\w+):", r.stdout, flags=re.M)) - {"released"}
+    jobs = set(planned_stages(r.stdout)) - {"released"}
     expanded = stages.expand_experiments(raw["experiments"], "p")
     imported = {n for n, (_, e) in expanded.items() if "import" in e["stages"]}
     derived = {n for n, (_, e) in expanded.items() if e.get("init_from") in imported}
@@ -129,7 +149,7 @@ def test_released_target_plans_only_the_imports_and_their_evaluations(tmp_path):
     assert not any(j.startswith("train_") for j in jobs) and "eval_act_official_L16" in jobs
     synth = snakemake("released", "-n", "--forceall")
     assert synth.returncode == 0, synth.stderr
-    assert set(re.findall(r"^rule (\w+):", synth.stdout, flags=re.M)) <= {"released"}  # empty on SynthCOCO
+    assert set(planned_stages(synth.stdout)) <= {"released"}  # empty on SynthCOCO
 
 
 def test_stages_that_read_the_data_depend_on_its_manifest():
@@ -162,7 +182,7 @@ def _tiny_dag_up_to_date(workdir):
     generate(data.synth, data.root)  # its manifest: written when Snakemake first parses
     for st in built:
         if st.name != "data":
-            for out in st.outs + st.metrics:
+            for out in st.outs + st.metrics + st.plots:
                 (workdir / out).parent.mkdir(parents=True, exist_ok=True)
                 (workdir / out).write_text("{}")
             for out in st.out_dirs:
@@ -186,7 +206,7 @@ def test_in_place_data_edit_reruns_the_stages_that_read_it(workdir):
     ann.write_text(json.dumps(doc))
     r = snakemake("-n", "--cores", "1", "all", cwd=workdir)
     assert r.returncode == 0, r.stderr
-    jobs = set(re.findall(r"^rule (\w+):", r.stdout, flags=re.M))
+    jobs = set(planned_stages(r.stdout))
     readers = {st.name for st in built if "--data" in st.cmd}
     assert readers <= jobs and "data" not in jobs, jobs
     assert "annotations/instances_train.json" in r.stderr  # told why
@@ -205,7 +225,7 @@ def test_a_killed_job_reruns_instead_of_blocking_the_dag(workdir):
     marker.write_text("")
     r = snakemake("-n", "--cores", "1", "all", cwd=workdir)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "train_detr_dc5" in set(re.findall(r"^rule (\w+):", r.stdout, flags=re.M))
+    assert "train_detr_dc5" in set(planned_stages(r.stdout))
 
 
 # -- what the DAG means: each stage waits for the files its command reads --------------------
@@ -270,17 +290,25 @@ def test_eval_only_act_rows_depend_on_their_init_checkpoint(tmp_path):
     assert producers(by_name)[CKPT.format("detr_dc5")] == "train_detr_dc5"
 
 
-def test_report_depends_on_every_metrics_file_it_reads(tmp_path):
-    """Each experiment's train/eval JSON, flops.json and speed.json is a report dep, so a rerun
-    of any of them rebuilds the tables. (The backbone's pretrain.json is not read by the
-    report; a new backbone reruns the trainings, whose metrics are deps.)"""
+def test_each_table_depends_on_exactly_the_metrics_files_it_reads(tmp_path):
+    """Every metrics file is some table's dep (so a rerun of any rebuilds its table), each
+    table's deps are its own rows' files only (a Lite DETR rerun rebuilds no ACT table), and
+    the index reads every table. (The backbone's pretrain.json is read by no table; a new
+    backbone reruns the trainings, whose metrics are deps.)"""
     by_name = synth_stages(tmp_path)
-    report = set(by_name["report"].deps)
-    metrics = {m for st in by_name.values() if st.name != "report" for m in st.metrics}
-    assert metrics - report == {"reports/metrics/backbone/pretrain.json"}
-    for m in ("reports/metrics/act_L16/eval.json", "reports/metrics/act_mtkd_L16/train.json",
-              "reports/metrics/detr_student_detrdistill_seed43/eval.json", "reports/metrics/flops.json",
-              "reports/metrics/speed.json"):
-        assert m in report, m
-    evals = {st.name.removeprefix("eval_") for st in by_name.values() if st.name.startswith("eval_")}
-    assert {f"reports/metrics/{n}/eval.json" for n in evals} <= report and len(evals) > 40
+    tables = {n: st for n, st in by_name.items() if n.startswith("table_")}
+    read = {d for st in tables.values() for d in st.deps if d.startswith("reports/metrics/")}
+    metrics = {m for st in by_name.values() for m in st.metrics}
+    assert metrics - read == {"reports/metrics/backbone/pretrain.json"}
+    act = {d for d in tables["table_act_main"].deps if d.startswith("reports/metrics/")}
+    assert {"reports/metrics/act_L16/eval.json", "reports/metrics/act_mtkd_L16/train.json",
+            "reports/metrics/detr_dc5/eval.json", "reports/metrics/detr_dc5_seed43/eval.json"} <= act
+    assert not {d for d in act if "lite" in d or "sparse" in d or "student" in d}, act
+    assert tables["table_flops"].deps[0] == "reports/metrics/flops.json"
+    assert "reports/metrics/speed.json" in tables["table_act_speed"].deps
+    for st in tables.values():  # and no table writes another's files
+        assert all(o.startswith(("reports/tables/", "reports/figures/")) for o in st.outs)
+    assert len({o for st in tables.values() for o in st.outs}) == sum(len(st.outs) for st in tables.values())
+    index = set(by_name["report"].deps)
+    assert {f"reports/tables/{n.removeprefix('table_')}.md" for n in tables} <= index
+    assert by_name["report"].outs == ["reports/README.md"]

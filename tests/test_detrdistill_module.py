@@ -236,7 +236,7 @@ def distilled_run(tiny_cfg, tiny_data, tmp_path_factory):
         seen["teacher"] = teacher
         return build_distiller(dcfg, teacher, student)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine, "build_distiller", capture)
+        mp.setattr("effdetr.distill.build_distiller", capture)  # train() imports it where it distils
         result = engine.train(cfg, str(tiny_data), str(tmp / "student.pt"), str(tmp / "work"), "h",
                               model_builder=builder, teacher=str(tmp / "teacher.pt"), distill_cfg=distill_cfg())
     assert seen["student"] is not seen["teacher"]

@@ -1,4 +1,5 @@
 """Key-aware deformable attention against a per-query, per-head loop."""
+import contextlib
 import math
 
 import torch
@@ -128,3 +129,23 @@ def test_kda_flops_count_the_key_and_value_products():
         counts[name] = counter.get_total_flops() / 2
     d = c // m
     assert counts["kda"] - counts["msda"] == q * c * c + 2 * q * m * l * k * d - q * c * m * l * k
+
+
+def test_broadcast_products_equal_the_counted_matmul_form_with_gradients():
+    """Training runs q.k and weights.v as broadcast products; the FLOPs counter (reference
+    mode) as the batched matmuls it counts. Outputs and input gradients agree to ~1e-6: the
+    two only sum the D (or L*K) products in another order."""
+    from effdetr.ops import msda
+    from effdetr.ops.kda import key_aware_weights_and_values
+    g = torch.Generator().manual_seed(3)
+    qh = torch.randn(6, 40, 16, generator=g, dtype=torch.float64).float()
+    samples = torch.randn(6, 16, 40, 12, generator=g)
+    results = []
+    for counted in (False, True):
+        q, s = qh.clone().requires_grad_(), samples.clone().requires_grad_()
+        with msda.reference_mode() if counted else contextlib.nullcontext():
+            w, out = key_aware_weights_and_values(q, s, s)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((w, out, q.grad, s.grad))
+    for fast, counted in zip(*results):
+        torch.testing.assert_close(fast, counted, rtol=1e-5, atol=1e-6)

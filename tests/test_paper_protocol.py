@@ -54,7 +54,7 @@ def test_eval_precision_is_eval_amp_not_train_amp(eval_amp, tmp_path, monkeypatc
     assert cli.main(["eval", "--params", str(params), "--experiment", "detr_dc5", "--data", str(tiny_data),
                      "--checkpoint", "unused.pt", "--out", str(out)]) == 0
     assert seen["amp"] is bool(eval_amp)
-    assert json.loads(out.read_text())["precision"] == "fp32"  # autocast is CUDA-only: CPU stays fp32
+    assert json.loads(out.with_name(f"{out.stem}.provenance.json").read_text())["precision"] == "fp32"  # autocast is CUDA-only: CPU stays fp32
 
 
 def test_fps_is_batch_over_mean_latency(monkeypatch, tiny_cfg, tiny_data):

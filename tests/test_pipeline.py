@@ -3,7 +3,6 @@
 stages that read it, under Snakemake and under DVC. The table check itself
 (check_table_cells) is tested fast, on hand-made tables."""
 import json
-import math
 import os
 import re
 import shutil
@@ -15,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN, TINY
+from tests.conftest import BIN, TINY, planned_stages
+from tests.table_check import check_table_cells
 
 
 def run(*cmd, check=True, timeout=600):
@@ -30,198 +30,37 @@ def smk(*args, **kw):
 
 
 def planned_jobs(out: str) -> set[str]:
-    """Rule names from a dry run's 'Job stats' table."""
-    jobs, in_table = set(), False
-    for line in out.splitlines():
-        if line.startswith("job ") or line.startswith("job\t"):
-            in_table = True
-            continue
-        if in_table:
-            parts = line.split()
-            if not parts or parts[0] == "total":
-                break
-            if not parts[0].startswith("-"):
-                jobs.add(parts[0])
-    return jobs - {"all"}
-
-
-# -- the tables: every reproduced cell is its metrics file's number, every verdict a verdict --
-PERCENT = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}
-VERDICT = re.compile(r"(yes|no) \(.+\)|inconclusive: .+, within the seed spread [-+0-9.e]+|not run \(\w+\)")
-NO_VALUE = object()  # the row's metrics file does not exist
-
-
-def cell(v) -> str:
-    """A number as the tables print it: 2 decimals from 1 up, 3 significant digits below 1,
-    integers as they are, "—" for none (or NaN: a COCO area bucket without ground truth)."""
-    if v is None or v is NO_VALUE or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
-    return str(v)
-
-
-def reproduced_value(metrics_dir: Path, source: str, key: str, metric: str):
-    """The number a row's reproduced cell must show, read from the stage's own output file:
-    eval.json stats (AP/AR as percent, gflops_<part> = gmacs_<part>), flops.json, speed.json."""
-    if source == "flops":
-        path = metrics_dir / "flops.json"
-        m = json.loads(path.read_text())["models"].get(key) if path.exists() else None
-        if m is None:
-            return NO_VALUE
-        if metric == "gflops" or metric.startswith("gflops_"):
-            return m["gmacs"].get(metric.removeprefix("gflops").removeprefix("_") or "total")
-        return m.get(metric)
-    if source == "speed":
-        path = metrics_dir / "speed.json"
-        results = json.loads(path.read_text())["results"] if path.exists() else {}
-        if key not in results:
-            return NO_VALUE
-        if metric == "speedup":
-            return results["dense"]["ms"] / results[key]["ms"]
-        return results[key].get(metric)
-    path = metrics_dir / key / "eval.json"
-    if not path.exists():
-        return NO_VALUE
-    stats = json.loads(path.read_text())["stats"]
-    if metric in PERCENT:
-        return None if stats.get(metric) is None else 100 * stats[metric]
-    if metric.startswith("gflops_"):
-        return stats.get("gmacs_" + metric.removeprefix("gflops_"))
-    if metric == "train_seconds":
-        train = metrics_dir / key / "train.json"
-        return json.loads(train.read_text())["train_seconds"] if train.exists() else None
-    return stats.get(metric)
-
-
-def row_value(metrics_dir: Path, source: str, spec: dict, key: str, metric: str):
-    """A table row's number: one experiment's (reproduced_value), or for a row with ``seeds``
-    the mean over its seeds (``<metric>_sd``: their sample standard deviation), and
-    ``<metric>_gain`` = the row's minus its ``gain_vs`` row's."""
-    row = spec["rows"].get(key, {})
-    if metric.endswith("_gain"):
-        if "gain_vs" not in row:
-            return None if row_value(metrics_dir, source, spec, key, metric[:-5]) is not NO_VALUE else NO_VALUE
-        mine, base = (row_value(metrics_dir, source, spec, k, metric[:-5]) for k in (key, row["gain_vs"]))
-        if mine is NO_VALUE:
-            return NO_VALUE
-        return mine - base if isinstance(mine, float) and isinstance(base, (int, float)) else None
-    if not row.get("seeds"):
-        value = reproduced_value(metrics_dir, source, key, metric.removesuffix("_sd"))
-        return None if metric.endswith("_sd") and value is not NO_VALUE else value  # one run: no sd
-    values = [reproduced_value(metrics_dir, source, s, metric.removesuffix("_sd")) for s in row["seeds"]]
-    if any(v is NO_VALUE for v in values):
-        return NO_VALUE
-    if any(v is None for v in values):
-        return None
-    mean = sum(values) / len(values)
-    if not metric.endswith("_sd"):
-        return mean
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-
-
-def claimed(row: dict, metric: str) -> str | None:
-    """'reference', 'claim' (some claim of the row judges this metric) or None, read from the
-    paper YAML's row: a claim without `metric` covers every metric, a tolerance one only
-    those with a paper number."""
-    claims = row.get("claims", [row["claim"]] if "claim" in row else [])
-    if "reference" in claims:
-        return "reference"
-    for c in claims:
-        if c.get("metric", metric) == metric:
-            if {"rel_tol", "abs_tol"} & set(c) and "metric" not in c and row.get(metric) is None:
-                continue
-            return "claim"
-    return None
-
-
-def check_table_cells(table_text: str, metrics_dir: Path, spec: dict, source: str | None = None) -> dict[str, str]:
-    """Check a report table (markdown) cell by cell against the metrics files and the paper
-    spec (``reporting/paper`` YAML table): paper = the YAML number, reproduced = the metrics
-    file's number, delta = their difference, each as the table prints it; the verdict is a
-    verdict (yes / no / inconclusive / not run / reference row, "; "-joined) where the row
-    claims something on that metric and "—" where it does not; every metric the metrics
-    file has for a listed row has its line. Seed rows: the mean over the seeds' files. ``source``: eval (default), flops (default for
-    ``kind: flops`` tables) or speed. Returns label -> row key of the rows whose metrics
-    file exists. AssertionError names the first wrong cell."""
-    source = source or ("flops" if spec.get("kind") == "flops" else "eval")
-    lines = table_text.splitlines()
-    assert lines and lines[0] == f"# {spec['title']}", f"not the table {spec['title']!r}: {lines[:1]}"
-    header = "| model | metric | paper | reproduced | delta | claim holds at this scale |"
-    assert header in lines, "no table header"
-    body = []
-    for line in lines[lines.index(header) + 2:]:
-        if not line.startswith("| "):
-            break
-        parts = line[2:-2].split(" | ")
-        assert len(parts) == 6 and line.endswith(" |"), f"malformed table line: {line}"
-        body.append(parts)
-    assert body, "the table has no rows"
-    by_label = {}
-    for key, row in spec["rows"].items():
-        label = row.get("label", key)
-        assert label not in by_label, f"two rows labelled {label!r}"
-        by_label[label] = key
-    seen, found = set(), {}
-    for label, metric, paper, repro, delta, verdict in body:
-        where = f"{label} / {metric}"
-        assert (label, metric) not in seen, f"{where}: listed twice"
-        seen.add((label, metric))
-        key = by_label.get(label, label)  # an experiment without a paper row is labelled by its name
-        row = spec["rows"].get(key, {})
-        assert metric in spec["metrics"], f"{where}: not a metric of the table"
-        want = row_value(metrics_dir, source, spec, key, metric)
-        if want is NO_VALUE:
-            assert key in spec["rows"], f"{where}: neither a paper row nor an experiment with metrics"
-        else:
-            found[label] = key
-        assert paper == cell(row.get(metric)), f"{where}: paper cell {paper!r}, the YAML says {cell(row.get(metric))!r}"
-        assert repro == cell(want), f"{where}: reproduced cell {repro!r}, the metrics file says {cell(want)!r}"
-        both = row.get(metric) is not None and cell(want) != "—"
-        assert delta == (cell(want - row[metric]) if both else "—"), f"{where}: delta cell {delta!r}"
-        kind = claimed(row, metric)
-        if kind == "reference":
-            assert verdict == "reference row", f"{where}: a reference row, verdict {verdict!r}"
-        elif kind is None:
-            assert verdict == "—", f"{where}: no claim on this metric, verdict {verdict!r}"
-        elif verdict == "not run":
-            assert repro == "—", f"{where}: verdict 'not run' but a reproduced number {repro}"
-        else:
-            assert all(VERDICT.fullmatch(v) for v in verdict.split("; ")), f"{where}: not a verdict: {verdict!r}"
-    for label, key in found.items():  # nothing the metrics file has is left out
-        for metric in spec["metrics"]:
-            if cell(row_value(metrics_dir, source, spec, key, metric)) != "—":
-                assert (label, metric) in seen, f"{label} / {metric}: in the metrics file, missing from the table"
-    return found
+    """The stages (dvc.yaml names: train_detr_dc5, table_act_main, ...) a dry run plans."""
+    return set(planned_stages(out)) - {"all"}
 
 
 def write_eval(metrics_dir: Path, name: str, stats: dict) -> None:
     (metrics_dir / name).mkdir(parents=True, exist_ok=True)
-    (metrics_dir / name / "eval.json").write_text(json.dumps({"stats": stats, "provenance": {"git": {}}}))
+    (metrics_dir / name / "eval.json").write_text(json.dumps(stats))  # as the eval stage writes it
+    (metrics_dir / name / "eval.provenance.json").write_text(json.dumps({"provenance": {"git": {}}}))
 
 
 HAND_SPEC = {"title": "Hand-made table", "metrics": ["AP", "APs", "gflops_encoder", "encoder_tokens"],
              "rows": {"base": {"label": "Base", "AP": 43.3, "claims": ["reference"]},
                       "cut": {"label": "Cut (L=16)", "AP": 37.1, "claims": [{"metric": "AP", "max_drop": 1.4, "vs": "base"},
                                                                             {"metric": "gflops_encoder", "lower": "base"}]}}}
-# What render_markdown prints for HAND_SPEC and hand_metrics (compared once with its output),
-# without the lines under the table.
-HAND_TABLE = """# Hand-made table
-
-| model | metric | paper | reproduced | delta | claim holds at this scale |
-|---|---|---|---|---|---|
-| Base | AP | 43.30 | 31.25 | -12.05 | reference row |
-| Base | APs | — | — | — | reference row |
-| Base | gflops_encoder | — | 0.0123 | — | reference row |
-| Base | encoder_tokens | — | 64.00 | — | reference row |
-| Cut (L=16) | AP | 37.10 | 30.00 | -7.10 | yes (drop 1.25 vs base, allowed 1.4) |
-| Cut (L=16) | APs | — | — | — | — |
-| Cut (L=16) | gflops_encoder | — | 0.008 | — | yes (-0.0043 vs base) |
-| Cut (L=16) | encoder_tokens | — | 64.00 | — | — |
-| extra_run | AP | — | 12.50 | — | — |
-
-**Protocol.** by hand
-"""
+# What the report prints for HAND_SPEC and hand_metrics on SynthCOCO (values checked by hand:
+# 0.3125 -> 31.25; Cut's changes against Base: paper 37.1 - 43.3, ours 30.00 - 31.25), without
+# the lines under the table.
+HEAD = ("| model | AP paper | AP ours | APs paper | APs ours | GFLOPs (encoder) paper | GFLOPs (encoder) ours "
+        "| encoder tokens paper | encoder tokens ours | claims |\n|---|" + "---:|" * 8 + "---|\n")
+HAND_TABLE = ("# Hand-made table\n\n" + HEAD +
+              "| Base (reference) | 43.30 | 31.25 | — | — | — | 0.0123 | — | 64.00 | reference |\n"
+              "| Cut (L=16) | 37.10 (-6.20) | 30.00 (-1.25) | — | — | — | 0.008 (-0.0043) | — | 64.00 (±0) | "
+              "AP: yes (drop 1.25 vs base, allowed 1.4); GFLOPs (encoder): yes (-0.0043 vs base) |\n"
+              "| extra_run | — | 12.50 (-18.75) | — | — | — | — | — | — | — |\n"
+              "\n**Protocol.** by hand\n")
+# the same at the paper's scale: ours beside reproduced - paper
+HAND_TABLE_COCO = ("# Hand-made table\n\n" + HEAD +
+                   "| Base (reference) | 43.30 | 31.25 (-12.05) | — | — | — | 0.0123 | — | 64.00 | reference |\n"
+                   "| Cut (L=16) | 37.10 | 30.00 (-7.10) | — | — | — | 0.008 | — | 64.00 | "
+                   "AP: yes (drop 1.25 vs base, allowed 1.4); GFLOPs (encoder): yes (-0.0043 vs base) |\n"
+                   "| extra_run | — | 12.50 | — | — | — | — | — | — | — |\n")
 
 
 def hand_metrics(tmp_path: Path) -> Path:
@@ -234,22 +73,34 @@ def hand_metrics(tmp_path: Path) -> Path:
 
 
 def test_table_check_accepts_a_correct_table(tmp_path):
-    """The hand-made table agrees cell by cell with the hand-written eval.json files."""
-    found = check_table_cells(HAND_TABLE, hand_metrics(tmp_path), HAND_SPEC)
+    """The hand-made tables agree cell by cell with the hand-written eval.json files, and the
+    report's own renderer prints exactly them."""
+    m = hand_metrics(tmp_path)
+    found = check_table_cells(HAND_TABLE, m, HAND_SPEC)
     assert found == {"Base": "base", "Cut (L=16)": "cut", "extra_run": "extra_run"}
+    assert check_table_cells(HAND_TABLE_COCO, m, HAND_SPEC, paper_scale=True) == found
+    from effdetr.reporting.plan import TablePlan
+    from effdetr.reporting.tables import markdown_table, table_cells
+    from effdetr.reporting.values import experiment_values
+    plan = TablePlan("t", {"table": "t", **HAND_SPEC}, "eval", list(found.values()), list(found.values()))
+    rep = {k: experiment_values(m, k)[0] for k in plan.run}
+    assert markdown_table(plan, table_cells(plan, rep)) in HAND_TABLE
+    assert markdown_table(plan, table_cells(plan, rep, paper_scale=True)) in HAND_TABLE_COCO
 
 
 @pytest.mark.parametrize("old, new, why", [
-    ("| Base | AP | 43.30 | 31.25 |", "| Base | AP | 43.30 | — |", "reproduced cell"),  # "—" everywhere passed before
-    ("| Cut (L=16) | AP | 37.10 | 30.00 | -7.10 |", "| Cut (L=16) | AP | 37.10 | 30.01 | -7.09 |", "reproduced cell"),
-    ("| extra_run | AP | — | 12.50 |", "| extra_run | AP | — | 0.125 |", "reproduced cell"),  # a fraction, not percent
-    ("| Cut (L=16) | gflops_encoder | — | 0.008 |", "| Cut (L=16) | gflops_encoder | — | 0.0123 |", "reproduced cell"),
-    ("| Base | AP | 43.30 |", "| Base | AP | 43.3 |", "paper cell"),
-    ("| 37.10 | 30.00 | -7.10 |", "| 37.10 | 30.00 | 7.10 |", "delta cell"),
-    ("| yes (drop 1.25 vs base, allowed 1.4) |", "| — |", "verdict"),  # a claimed metric left empty
-    ("| yes (-0.0043 vs base) |", "| maybe |", "not a verdict"),
-    ("| encoder_tokens | — | 64.00 | — | — |", "| encoder_tokens | — | 64.00 | — | yes (+0 vs base) |", "no claim"),
-    ("| Base | encoder_tokens | — | 64.00 | — | reference row |\n", "", "missing from the table"),
+    ("| 43.30 | 31.25 |", "| 43.30 | — |", "reproduced cell"),  # "—" everywhere passed before
+    ("| 30.00 (-1.25) |", "| 30.01 (-1.24) |", "reproduced cell"),
+    ("| — | 12.50 (-18.75) |", "| — | 0.125 (-31.1) |", "reproduced cell"),  # a fraction, not percent
+    ("| 0.008 (-0.0043) |", "| 0.0123 (±0) |", "reproduced cell"),
+    ("| 30.00 (-1.25) |", "| 30.00 (-7.10) |", "reproduced cell"),  # against the paper, not the reference
+    ("| 30.00 (-1.25) |", "| 30.00 |", "reproduced cell"),  # the change left out
+    ("| 43.30 | 31.25 |", "| 43.3 | 31.25 |", "paper cell"),
+    ("| 37.10 (-6.20) |", "| 37.10 (+6.20) |", "paper cell"),
+    ("AP: yes (drop 1.25 vs base, allowed 1.4); ", "", "claims cell names"),  # a claimed metric's verdict left out
+    ("GFLOPs (encoder): yes (-0.0043 vs base)", "GFLOPs (encoder): maybe", "not a verdict"),
+    ("| — | — | — | — | — | — |\n", "| — | — | — | — | — | yes (+0 vs base) |\n", "no claim"),
+    ("| Base (reference) |", "| Base |", "model cell"),
     ("| extra_run |", "| extra_runs |", "neither a paper row"),
 ])
 def test_table_check_fails_on_a_wrong_cell(tmp_path, old, new, why):
@@ -260,8 +111,8 @@ def test_table_check_fails_on_a_wrong_cell(tmp_path, old, new, why):
 
 
 def test_table_check_reads_flops_and_speed_files(tmp_path):
-    """flops.json: gflops = gmacs.total, gflops_<part> = gmacs[part]; speed.json: speedup =
-    dense ms / the row's ms."""
+    """flops.json: gflops = gmacs.total, gflops_<part> = gmacs[part], compared with the paper
+    absolutely; speed.json: speedup = dense ms / the row's ms."""
     m = tmp_path / "metrics"
     m.mkdir()
     (m / "flops.json").write_text(json.dumps({"models": {"a_r50": {"gmacs": {"total": 81.245, "encoder": 8.9},
@@ -271,32 +122,29 @@ def test_table_check_reads_flops_and_speed_files(tmp_path):
     flops_spec = {"title": "F", "kind": "flops", "metrics": ["gflops", "gflops_encoder", "params_m"],
                   "rows": {"a_r50": {"label": "A", "gflops": 86, "claim": {"rel_tol": 0.1}},
                            "b_r50": {"label": "B", "gflops": 187, "claim": {"rel_tol": 0.1}}}}
-    flops_table = ("# F\n\n| model | metric | paper | reproduced | delta | claim holds at this scale |\n"
-                   "|---|---|---|---|---|---|\n"
-                   "| A | gflops | 86 | 81.25 | -4.75 | yes (-5.5%, tolerance ±10%) |\n"
-                   "| A | gflops_encoder | — | 8.90 | — | — |\n"
-                   "| A | params_m | — | 41.30 | — | — |\n"
-                   "| B | gflops | 187 | — | — | not run |\n")
+    flops_table = ("# F\n\n| model | GFLOPs paper | GFLOPs ours | GFLOPs (encoder) paper | GFLOPs (encoder) ours | "
+                   "Params (M) paper | Params (M) ours | claims |\n|---|" + "---:|" * 6 + "---|\n"
+                   "| A | 86 | 81.25 (-4.75) | — | 8.90 | — | 41.30 | GFLOPs: yes (-5.5%, tolerance ±10%) |\n"
+                   "| B | 187 | — | — | — | — | — | GFLOPs: not run |\n")
     assert check_table_cells(flops_table, m, flops_spec) == {"A": "a_r50"}
     with pytest.raises(AssertionError, match="reproduced cell"):
-        check_table_cells(flops_table.replace("| 81.25 |", "| 8.90 |"), m, flops_spec)
+        check_table_cells(flops_table.replace("| 81.25 (-4.75) |", "| 8.90 (-77.10) |"), m, flops_spec)
     speed_spec = {"title": "S", "metrics": ["ms", "speedup", "score_mb"],
                   "rows": {"dense": {"claims": ["reference"]},
                            "act": {"label": "ACT", "claims": [{"metric": "ms", "lower": "dense"}]}}}
-    speed_table = ("# S\n\n| model | metric | paper | reproduced | delta | claim holds at this scale |\n"
-                   "|---|---|---|---|---|---|\n"
-                   "| dense | ms | — | 1.50 | — | reference row |\n| dense | speedup | — | 1.00 | — | reference row |\n"
-                   "| dense | score_mb | — | 0.5 | — | reference row |\n| ACT | ms | — | 3.00 | — | no (+1.50 vs dense) |\n"
-                   "| ACT | speedup | — | 0.5 | — | — |\n| ACT | score_mb | — | 0.25 | — | — |\n")
+    speed_table = ("# S\n\n| model | ms paper | ms ours | speed-up paper | speed-up ours | score MB paper | "
+                   "score MB ours | claims |\n|---|" + "---:|" * 6 + "---|\n"
+                   "| dense (reference) | — | 1.50 | — | 1.00 | — | 0.50 | reference |\n"
+                   "| ACT | — | 3.00 (+1.50) | — | 0.50 (-0.50) | — | 0.25 (-0.25) | ms: no (+1.50 vs dense) |\n")
     assert check_table_cells(speed_table, m, speed_spec, "speed") == {"dense": "dense", "ACT": "act"}
     with pytest.raises(AssertionError, match="reproduced cell"):
-        check_table_cells(speed_table.replace("| ACT | speedup | — | 0.5 |", "| ACT | speedup | — | 2.00 |"),
-                          m, speed_spec, "speed")
+        check_table_cells(speed_table.replace("| 0.50 (-0.50) |", "| 2.00 (+1.00) |"), m, speed_spec, "speed")
 
 
 def test_table_check_averages_seed_rows(tmp_path):
     """A row over seeds shows their mean; <metric>_sd their sample sd (AP 30 and 34 -> 32.00,
-    sd 2 * sqrt(2) = 2.83), <metric>_gain the row's mean minus its gain_vs row's (36 - 32)."""
+    sd 2 * sqrt(2) = 2.83), <metric>_gain the row's mean minus its gain_vs row's (36 - 32);
+    neither a spread nor a gain gets a change of its own."""
     m = tmp_path / "metrics"
     for name, ap in (("s1", 0.30), ("s2", 0.34), ("d1", 0.35), ("d2", 0.37)):
         write_eval(m, name, {"AP": ap, "gmacs_total": 1.5})
@@ -304,22 +152,15 @@ def test_table_check_averages_seed_rows(tmp_path):
         "base": {"label": "Student (2 seeds)", "seeds": ["s1", "s2"], "claims": ["reference"]},
         "kd": {"label": "Student + KD (2 seeds)", "seeds": ["d1", "d2"], "gain_vs": "base", "AP_gain": 2.2,
                "claims": [{"metric": "AP", "beyond_spread": "base"}, {"metric": "gflops_total", "equal": "base"}]}}}
-    table = """# Seeds
-
-| model | metric | paper | reproduced | delta | claim holds at this scale |
-|---|---|---|---|---|---|
-| Student (2 seeds) | AP | — | 32.00 | — | reference row |
-| Student (2 seeds) | AP_sd | — | 2.83 | — | reference row |
-| Student (2 seeds) | gflops_total | — | 1.50 | — | reference row |
-| Student + KD (2 seeds) | AP | — | 36.00 | — | no (+4.00 vs base, seed spread 4.24) |
-| Student + KD (2 seeds) | AP_sd | — | 1.41 | — | — |
-| Student + KD (2 seeds) | AP_gain | 2.20 | 4.00 | 1.80 | — |
-| Student + KD (2 seeds) | gflops_total | — | 1.50 | — | yes (+0.00 vs base) |
-"""
+    table = ("# Seeds\n\n| model | AP paper | AP ours | AP sd paper | AP sd ours | AP gain paper | AP gain ours | "
+             "GFLOPs paper | GFLOPs ours | claims |\n|---|" + "---:|" * 8 + "---|\n"
+             "| Student (2 seeds) (reference) | — | 32.00 | — | 2.83 | — | — | — | 1.50 | reference |\n"
+             "| Student + KD (2 seeds) | — | 36.00 (+4.00) | — | 1.41 | 2.20 | 4.00 | — | 1.50 (±0) | "
+             "AP: no (+4.00 vs base, seed spread 4.24); GFLOPs: yes (+0.00 vs base) |\n")
     assert check_table_cells(table, m, spec) == {"Student (2 seeds)": "base", "Student + KD (2 seeds)": "kd"}
-    for old, new in (("| AP_sd | — | 2.83 |", "| AP_sd | — | 2.00 |"),  # population sd, not sample
-                     ("| AP | — | 36.00 |", "| AP | — | 35.00 |"),  # the first seed, not the mean
-                     ("| 2.20 | 4.00 | 1.80 |", "| 2.20 | 36.00 | 33.80 |")):  # the mean, not the gain
+    for old, new in (("| 2.83 |", "| 2.00 |"),  # population sd, not sample
+                     ("| 36.00 (+4.00) |", "| 35.00 (+3.00) |"),  # the first seed, not the mean
+                     ("| 2.20 | 4.00 |", "| 2.20 | 36.00 |")):  # the mean, not the gain
         with pytest.raises(AssertionError, match="reproduced cell"):
             check_table_cells(table.replace(old, new), m, spec)
 
@@ -345,14 +186,21 @@ def start_mlflow_server(store_uri: str, log: Path, timeout: float = 120) -> tupl
                          f"{log.read_text()[-2000:]}")
 
 
-def search_runs(base: str, experiment: str) -> list[dict]:
-    with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}") as r:
-        exp_id = json.load(r)["experiment"]["experiment_id"]
-    req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
-                                 data=json.dumps({"experiment_ids": [exp_id], "max_results": 1000}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req) as r:
-        return json.load(r).get("runs", [])
+def search_runs(base: str, prefix: str) -> list[dict]:
+    """Every run of the experiments named ``<prefix>/...`` (one per paper, and pipeline), each
+    with its experiment's name and tags under ``experiment``."""
+    def post(path, body):
+        req = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", method="POST", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            return json.load(r)
+    exps = post("experiments/search", {"max_results": 1000, "filter": f"name LIKE '{prefix}/%'"}).get("experiments", [])
+    runs = []
+    for exp in exps:
+        for run in post("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1000}).get("runs", []):
+            runs.append({**run, "experiment": {"name": exp["name"],
+                                               "tags": {t["key"]: t["value"] for t in exp.get("tags", [])}}})
+    return runs
 
 
 @pytest.fixture
@@ -412,35 +260,49 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     print(f"[tiny DAG] {time.time() - t0:.0f} s")  # a figure, not a check: the machines are shared
 
     table = (workdir / "reports/tables/act_main.md").read_text()
-    assert "| DETR-DC5 | AP | 43.30 |" in table and "MLflow run" in table
+    assert "| DETR-DC5 (reference) | 73.40 | " in table and "MLflow run id" in table
     assert "detr_dc5_wide" in table
     flops = (workdir / "reports/tables/flops.csv").read_text().splitlines()
-    assert flops[0].startswith("model,metric,paper,reproduced,delta")
+    assert flops[0] == ("model,row,metric,paper,reproduced,reference,paper_change,reproduced_change,"
+                        "reproduced_minus_paper,claim")
     assert (workdir / "reports/README.md").exists()
-    assert (workdir / "reports/figures/detr_dc5_training.png").stat().st_size > 1000
+    assert (workdir / "reports/figures/act_main/detr_dc5_training.png").stat().st_size > 1000
     ev = json.loads((workdir / "reports/metrics/detr_dc5/eval.json").read_text())
-    assert 0.0 <= ev["stats"]["AP"] <= 1.0 and ev["stats"]["gmacs_total"] > 0
+    assert 0.0 <= ev["AP"] <= 1.0 and ev["gmacs_total"] > 0
     # ACT: the swap evaluates the teacher's weights, counts prototypes per layer, and
     # every ACT table and figure is written.
-    act16 = json.loads((workdir / "reports/metrics/act_L16/eval.json").read_text())["stats"]
-    act32 = json.loads((workdir / "reports/metrics/act_L32/eval.json").read_text())["stats"]
+    act16 = json.loads((workdir / "reports/metrics/act_L16/eval.json").read_text())
+    act32 = json.loads((workdir / "reports/metrics/act_L32/eval.json").read_text())
     assert 1 <= act16["prototypes_layer0"] <= act32["prototypes_layer0"] <= act16["encoder_tokens"]
     assert act16["gmacs_encoder"] <= act32["gmacs_encoder"]
-    assert "| ACT (L=16) | AP | 37.10 |" in table and "| ACT+MTKD (L=16) | AP |" in table
+    assert "| ACT (L=16) | 45.00 (-28.40) | " in table and "| ACT+MTKD (L=16) | 45.10 (-28.30) | " in table
     for name in ("act_kmeans", "act_speed"):
-        assert "MLflow run" in (workdir / f"reports/tables/{name}.md").read_text()
-    assert (workdir / "reports/figures/prototypes_per_layer.png").stat().st_size > 1000
+        assert "MLflow run id" in (workdir / f"reports/tables/{name}.md").read_text()
+    assert (workdir / "reports/figures/act_main/prototypes_per_layer.png").stat().st_size > 1000
     # Deformable / Sparse DETR: sparse encoder keeps fewer tokens and costs less; FPS measured;
     # the Sparse DETR tables (main, paper-scale FLOPs) and the AP-vs-GFLOPs figure exist.
-    sp = json.loads((workdir / "reports/metrics/sparse_detr_rho0p3/eval.json").read_text())["stats"]
-    dd = json.loads((workdir / "reports/metrics/deformable_detr_topk/eval.json").read_text())["stats"]
+    sp = json.loads((workdir / "reports/metrics/sparse_detr_rho0p3/eval.json").read_text())
+    dd = json.loads((workdir / "reports/metrics/deformable_detr_topk/eval.json").read_text())
     assert sp["encoder_kept_tokens"] < sp["encoder_tokens"] == dd["encoder_tokens"]
     assert sp["gmacs_encoder"] < dd["gmacs_encoder"] and sp["fps_b1"] > 0
     sparse_table = (workdir / "reports/tables/sparse_main.md").read_text()
-    assert "| Sparse DETR (rho=0.3) | AP | 46.00 |" in sparse_table
+    assert "| Sparse DETR (rho=0.3) | 46.00 (±0) | " in sparse_table
     assert "sparse_detr_r50_rho0p1" in (workdir / "reports/metrics/flops.json").read_text()
     assert "[[72, 88]]" in (workdir / "reports/tables/sparse_flops.md").read_text()
-    assert (workdir / "reports/figures/sparse_ap_vs_gflops.png").stat().st_size > 1000
+    assert (workdir / "reports/figures/sparse_main/sparse_ap_vs_gflops.png").stat().st_size > 1000
+    # ... and its points as the data files dvc.yaml's top-level plots read (`dvc plots show`)
+    from effdetr.reporting.paper import load_paper_tables
+    fig_spec = load_paper_tables()["sparse_main"]
+    from effdetr import stages
+    top_plots = yaml.safe_load(stages.render_dvc(stages.load_raw(str(workdir / "params.yaml"))))["plots"]
+    files = {path for entry in top_plots for plot in entry.values() for path in plot["y"]}
+    assert files == {f"reports/figures/sparse_main/sparse_ap_vs_gflops_{s}.json" for s in ("paper", "reproduced")}
+    points = {s: json.loads((workdir / f"reports/figures/sparse_main/sparse_ap_vs_gflops_{s}.json").read_text())
+              for s in ("paper", "reproduced")}
+    rho03 = fig_spec["rows"]["sparse_detr_rho0p3"]
+    assert {"model": rho03["label"], "gflops_total": rho03["gflops_total"], "AP": rho03["AP"]} in points["paper"]
+    assert {"model": rho03["label"], "gflops_total": pytest.approx(sp["gmacs_total"]), "AP": sp["AP"]} \
+        in points["reproduced"]
     # Every table, cell by cell: reproduced = its metrics file, verdicts are verdicts.
     from effdetr.reporting.paper import load_paper_tables
     specs = load_paper_tables()
@@ -453,16 +315,49 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     # Every stage left an MLflow run, visible through a real server.
     server = mlflow_server()
     runs = search_runs(server, "effdetr-test")
-    stages_logged = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "stage") for r in runs)
-    assert stages_logged == sorted(["data", "pretrain"] + ["train"] * 5 + ["eval"] * 8 + ["speed", "flops", "report"])
+    stages_logged = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "stage") for r in runs
+                           if not any(t["key"] == "effdetr.parent" for t in r["data"]["tags"]))
+    assert stages_logged == sorted(["data", "pretrain"] + ["train"] * 5 + ["eval"] * 8 + ["speed", "flops"]
+                                   + ["report"] * len(TINY_TABLES))  # one per table
     train_run = next(r for r in runs if r["info"]["run_name"] == "train-detr_dc5")
     keys = {m["key"] for m in train_run["data"]["metrics"]}
     assert "train_loss" in keys
     tags = {t["key"]: t["value"] for t in train_run["data"]["tags"]}
     assert {"paper", "table", "git_sha", "git_dirty", "params_hash"} <= set(tags)
+    # MLflow's own columns: source, user, run name; one experiment per paper, opened by the UI
+    # on its model-training view; the tables' metric names on eval runs
+    assert tags["mlflow.source.name"] == "effdetr train" and tags["mlflow.runName"] == "train-detr_dc5"
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+    assert {r["experiment"]["name"] for r in runs} == {"effdetr-test/act", "effdetr-test/sparse_detr",
+                                                       "effdetr-test/detr", "effdetr-test/lite_detr",
+                                                       "effdetr-test/pipeline"}
+    assert train_run["experiment"]["name"] == "effdetr-test/act"
+    # the DAG run is a parent run in each experiment, closed when Snakemake finished; every
+    # stage run nests under its experiment's
+    run_tags = lambda r: {t["key"]: t["value"] for t in r["data"]["tags"]}  # noqa: E731
+    parents = {r["experiment"]["name"]: r for r in runs if run_tags(r).get("effdetr.parent") == "true"}
+    assert set(parents) == {r["experiment"]["name"] for r in runs}
+    assert {p["info"]["status"] for p in parents.values()} == {"FINISHED"}
+    assert len({run_tags(p)["effdetr.invocation"] for p in parents.values()}) == 1
+    for r in runs:
+        if r["info"]["run_id"] not in {p["info"]["run_id"] for p in parents.values()}:
+            assert run_tags(r)["mlflow.parentRunId"] == parents[r["experiment"]["name"]]["info"]["run_id"]
+    assert all(r["experiment"]["tags"]["mlflow.experimentKind"] == "custom_model_development" for r in runs)
+    eval_run = next(r for r in runs if r["info"]["run_name"] == "eval-sparse_detr_rho0p3")
+    metrics = {m["key"]: m["value"] for m in eval_run["data"]["metrics"]}
+    assert metrics["gflops_total"] == metrics["gmacs_total"] > 0 and 0 <= metrics["AP"] <= 1
 
     # Up to date: nothing planned (how long a dry run takes is `effdetr bench dag`'s figure).
     assert planned_jobs(smk("-n").stdout) == set()
+    # Snakemake's own records: a benchmark per job, summarised in the index; the HTML report
+    # holds every table and figure
+    assert (workdir / "logs/benchmarks/train_detr_dc5.tsv").exists()
+    index = (workdir / "reports/README.md").read_text()
+    assert "## Runtime and memory per job" in index and "| train | 5 |" in index
+    smk("--report", "report.html")
+    html = (workdir / "report.html").read_text(errors="replace")
+    for name in list(TINY_TABLES) + ["sparse_ap_vs_gflops.png", "prototypes_per_layer.png"]:
+        assert name in html, name
 
     # DVC records the state, then a one-experiment edit touches only that experiment's stages.
     run("git", "init", "-q")
@@ -474,14 +369,26 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["experiments"]["detr_dc5_wide"]["overrides"]["model"]["hidden_dim"] = 40
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert planned_jobs(smk("-n").stdout) == {"train_detr_dc5_wide", "eval_detr_dc5_wide", "report"}
+    edited = {"train_detr_dc5_wide", "eval_detr_dc5_wide", "table_act_main", "report"}
+    assert planned_jobs(smk("-n").stdout) == edited  # not the other tables
     status = run(BIN / "dvc", "status", "--json").stdout
-    assert set(json.loads(status)) == {"train_detr_dc5_wide", "eval_detr_dc5_wide", "report"}
+    assert set(json.loads(status)) == edited - {"report"}  # DVC names stages whose deps changed now
 
     before = (workdir / "data/checkpoints/detr_dc5.pt").stat().st_mtime_ns
     smk("all")
     assert (workdir / "data/checkpoints/detr_dc5.pt").stat().st_mtime_ns == before
     assert planned_jobs(smk("-n").stdout) == set()
+
+    # One command keeps the two engines' records in step after a run by either one.
+    assert "recorded in dvc.lock" in run(BIN / "effdetr", "dag", "sync").stdout  # after Snakemake
+    assert "up to date" in run(BIN / "dvc", "status").stdout.lower()
+    params["experiments"]["detr_dc5_wide"]["overrides"]["model"]["hidden_dim"] = 48
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(BIN / "dvc", "repro", "-q")  # now DVC runs the edit
+    assert planned_jobs(smk("-n").stdout) == edited  # Snakemake did not see that run
+    assert "recorded in Snakemake's metadata" in run(BIN / "effdetr", "dag", "sync").stdout
+    assert planned_jobs(smk("-n").stdout) == set() and "up to date" in run(BIN / "dvc", "status").stdout.lower()
+    assert "nothing to record" in run(BIN / "effdetr", "dag", "sync").stdout
 
 
 @pytest.mark.slow
@@ -495,7 +402,23 @@ def test_mlflow_sync_reimports_lost_runs(workdir):
     assert "re-imported 1 runs" in out
     from mlflow.tracking import MlflowClient
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("effdetr-test")
+    exp = client.get_experiment_by_name("effdetr-test/pipeline")  # the data stage's
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and runs[0].data.metrics["train_images"] == 48
     assert "re-imported 0 runs" in run(BIN / "effdetr", "mlflow", "sync").stdout
+
+
+def test_one_table_or_one_paper_plans_only_what_it_needs(workdir):
+    """`snakemake -n reports/tables/sparse_main.md` plans the Sparse DETR table's own trainings
+    and evaluations (and the data and backbone they start from), nothing of ACT; `paper_act`
+    plans ACT's tables and the DETR-DC5 teacher they read, nothing of Sparse DETR."""
+    shutil.copy(TINY, workdir / "params.yaml")
+    sparse = planned_jobs(smk("-n", "reports/tables/sparse_main.md").stdout)
+    assert sparse == {"data", "pretrain", "train_deformable_detr_topk", "eval_deformable_detr_topk",
+                      "train_sparse_detr_rho0p3", "eval_sparse_detr_rho0p3", "table_sparse_main"}
+    act = planned_jobs(smk("-n", "paper_act").stdout)
+    assert {"table_act_main", "table_act_kmeans", "table_act_speed", "train_detr_dc5", "eval_act_L16",
+            "speed"} <= act
+    assert not {j for j in act if "sparse" in j or "deformable" in j or j == "report"}, act
+    assert planned_jobs(smk("-n", "paper_sparse_detr").stdout) == sparse | {"table_sparse_flops", "flops",
+                                                                            "paper_sparse_detr"}

@@ -41,7 +41,9 @@ def test_kill_and_resume_matches_uninterrupted(workdir, tiny_data):
     synth = params["profiles"]["synth"]
     synth["model"]["backbone"]["pretrained"] = "none"
     synth["model"]["dropout"] = 0.1
-    synth["train"].update(epochs=2, max_iters_per_epoch=4, checkpoint_every_iters=1, num_workers=1)
+    # val_every 1: a validation at each epoch's end is part of what must resume exactly
+    synth["train"].update(epochs=2, max_iters_per_epoch=4, checkpoint_every_iters=1, num_workers=1,
+                          val_every=1, val_images=8)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -75,10 +77,10 @@ def test_kill_and_resume_matches_uninterrupted(workdir, tiny_data):
     # iter 1, 2 or 3: the kill races the next snapshots; either way mid-epoch 1, iterations left to run
     require(re.search(r"resuming from \S+: epoch 1 iter [123]\n", r.stdout), r.stdout)
 
-    ref = json.loads((workdir / "ref/train.json").read_text())
-    res = json.loads((workdir / "res/train.json").read_text())
+    ref = json.loads((workdir / "ref/train_history.json").read_text())
+    res = json.loads((workdir / "res/train_history.json").read_text())
     strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
-    assert strip(res["history"]) == strip(ref["history"])
+    assert strip(res) == strip(ref) and all("val_AP" in e for e in res)
     a = torch.load(workdir / "ref/model.pt", weights_only=True)["model"]
     b = torch.load(workdir / "res/model.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()

@@ -137,3 +137,50 @@ def test_sync_imports_all_250_params_of_a_sidecar_run(mlflow_down, store, batch_
     assert imported == [run.uid]
     assert max(batch_sizes) == 100 and sum(batch_sizes) == 250, batch_sizes
     assert store_params(store, "sidecar-only") == {k: str(v) for k, v in PARAMS.items()}
+
+
+def test_a_dag_runs_stage_runs_nest_under_one_parent_per_experiment(store, monkeypatch):
+    """One `snakemake` run (EFFDETR_INVOCATION): the stage runs of each experiment share one
+    parent run, which `effdetr mlflow finish` closes; the sidecars re-import nested again."""
+    from mlflow.tracking import MlflowClient
+    monkeypatch.setenv(tracking.INVOCATION_ENV, "inv-1")
+    for exp, name in (("e/act", "train-a"), ("e/act", "eval-a"), ("e/sparse_detr", "train-b")):
+        with Run(exp, name, {"stage": name.split("-")[0]}, {}) as r:
+            r.log_metrics({"AP": 0.5})
+    client = MlflowClient(tracking.tracking_uri())
+
+    def family(exp_name):
+        exp = client.get_experiment_by_name(exp_name)
+        runs = client.search_runs([exp.experiment_id])
+        parents = [r for r in runs if r.data.tags.get("effdetr.parent") == "true"]
+        children = [r for r in runs if r not in parents]
+        return parents, children
+    for exp_name, n in (("e/act", 2), ("e/sparse_detr", 1)):
+        parents, children = family(exp_name)
+        assert len(parents) == 1 and parents[0].info.run_name == "dag inv-1" and len(children) == n
+        assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+        assert parents[0].info.status == "RUNNING"
+    assert len(tracking.finish_invocation("inv-1", "FINISHED")) == 2
+    assert all(family(e)[0][0].info.status == "FINISHED" for e in ("e/act", "e/sparse_detr"))
+    # a fresh store filled from the sidecars: the children nest under a (new) parent again
+    store.unlink()  # re-imported by a process of its own (this one holds a connection to the old file)
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", "from effdetr import tracking; print(len(tracking.sync()[0]))"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert r.returncode == 0 and r.stdout.split()[-1] == "3", r.stderr[-2000:]
+    client = MlflowClient(tracking.tracking_uri())
+    parents, children = family("e/act")
+    assert len(parents) == 1 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+
+
+def test_without_a_dag_run_a_stage_run_has_no_parent(store, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    monkeypatch.delenv(tracking.INVOCATION_ENV, raising=False)
+    with Run("solo", "eval-x", {}, {}):
+        pass
+    client = MlflowClient(tracking.tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name("solo").experiment_id])
+    assert len(runs) == 1 and "mlflow.parentRunId" not in runs[0].data.tags

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -199,6 +200,16 @@ class LossConfig:
 
 
 @dataclass
+class LrScalingConfig:
+    """How the LR follows the global batch (train.batch_size x max(train.gpus, 1)).
+
+    none: the LRs as written (DETR, Deformable DETR: a fixed LR at their batch); sqrt:
+    lr and lr_backbone times sqrt(global / base_batch) (Sparse DETR's main.py)."""
+    rule: Literal["none", "sqrt"] = "none"
+    base_batch: int = _f(16, lo=1, doc="the global batch the written LRs are for")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = _f(300, lo=1)
     lr: float = _f(1e-4, lo=0.0, hi=1.0)
@@ -207,12 +218,19 @@ class TrainConfig:
     lr_drop: int = _f(200, lo=1, doc="epoch at which the LR is multiplied by 0.1")
     warmup_iters: int = _f(0, lo=0)
     clip_max_norm: float = _f(0.1, lo=0.0)
-    batch_size: int = _f(4, lo=1)
+    batch_size: int = _f(4, lo=1, doc="images per GPU (per process); the global batch is batch_size x "
+                         "max(gpus, 1)")
+    gpus: int = _f(0, lo=0, hi=1024, doc="GPUs (one torchrun process each) of this experiment's training; "
+                   "0 = one process on the CPU; > 1 = the DAG launches torchrun --nproc_per_node=gpus")
+    lr_scaling: LrScalingConfig = _f(factory=LrScalingConfig)
     num_workers: int = _f(2, lo=0)
     seed: int = _f(42, lo=0)
     amp: bool = _f(True, doc="bf16 autocast on CUDA; ignored on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every_s: float = _f(30.0, lo=0.0)
+    val_every: int = _f(0, lo=0, doc="evaluate the val split every N epochs while training (and after the "
+                        "last): val_AP, val_AP50, ... in the history and MLflow; 0 = never")
+    val_images: Optional[int] = _f(None, lo=1, doc="those evaluations use the first N val images (null = all)")
     checkpoint_every_iters: int = _f(200, lo=1)
     max_iters_per_epoch: Optional[int] = _f(None, lo=1, doc="cap (tiny test profile only)")
     threads: Optional[int] = _f(None, lo=1, doc="CPU threads of this experiment's train/eval jobs (null = all "
@@ -360,6 +378,23 @@ class SpeedConfig:
 
 
 @dataclass
+class StageResources:
+    """What one DAG job asks the scheduler for (Snakemake ``resources:``, SLURM sbatch flags).
+    Scheduling only: no stage reads these, so editing them reruns nothing and leaves every
+    params hash alone."""
+    gpu: int = _f(0, lo=0, hi=1024, doc="GPUs; > 1 runs the command under torchrun (train: set train.gpus)")
+    mem_mb: int = _f(4000, lo=1, doc="host memory, MB (sbatch --mem)")
+    runtime: int = _f(60, lo=1, doc="wall-clock limit, minutes (sbatch --time)")
+    cpus_per_task: int = _f(2, lo=1, doc="CPU cores (sbatch --cpus-per-task; data loaders included)")
+
+
+# stage kinds of the DAG (stages.py); `default` applies to all of them
+RESOURCE_KINDS = ("default", "data", "pretrain", "train", "import", "eval", "flops", "speed", "report")
+# kinds whose command runs under torchrun when it asks for more than one GPU
+DISTRIBUTED_KINDS = ("train", "eval")
+
+
+@dataclass
 class TrackingConfig:
     experiment: str = "effdetr"
 
@@ -374,6 +409,8 @@ class Params:
     tracking: TrackingConfig = _f(factory=TrackingConfig)
     seed_spread: dict[str, list[str]] = _f(factory=dict, doc="family -> the experiments that repeat one "
                                            "representative with other seeds (training or hashing)")
+    resources: dict = _f(factory=dict, doc="profile -> {<stage kind>: StageResources, experiments: {<experiment>: "
+                         "{<stage kind>: StageResources}}}; see stage_resources")
 
 
 # ---------------------------------------------------------------------------------------
@@ -698,6 +735,7 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
         if fam is not None and fam not in params.seed_spread:
             raise ConfigError(file, f"experiments.{source}.family", f"{fam!r} has no runs under seed_spread "
                               f"(have: {', '.join(params.seed_spread) or 'none'})")
+    _check_resources(params, expanded, file)
     if params.speed is not None:
         src = params.experiments.get(params.speed.experiment)
         if not isinstance(src, dict) or not src.get("sweep") or not src.get("init_from") \
@@ -720,6 +758,63 @@ def validate_raw(raw: dict, file: str | Path) -> Params:
                     or min(size) < 16:
                 raise ConfigError(file, f"{key}[{i}]", "expected [height, width], integers >= 16")
     return params
+
+
+def _check_resources(params: Params, expanded: dict, file) -> None:
+    for pname, table in params.resources.items():
+        where = f"resources.{pname}"
+        if pname not in params.profiles:
+            raise ConfigError(file, where, f"no such profile {pname!r} (have: {sorted(params.profiles)})")
+        if not isinstance(table, dict):
+            raise ConfigError(file, where, f"expected a mapping, got {type(table).__name__}")
+        _check_resource_kinds(table, file, where, allow_experiments=True)
+        exps = table.get("experiments") or {}
+        if not isinstance(exps, dict):
+            raise ConfigError(file, f"{where}.experiments", f"expected a mapping, got {type(exps).__name__}")
+        known = set(expanded) | {source for source, _ in expanded.values()}
+        for name, kinds in exps.items():
+            if name not in known:
+                raise ConfigError(file, f"{where}.experiments.{name}", "not an experiment (a swept experiment's "
+                                  "name covers all its values, <name>_<label><value> one of them)")
+            if not isinstance(kinds, dict):
+                raise ConfigError(file, f"{where}.experiments.{name}", "expected a mapping of stage kinds")
+            _check_resource_kinds(kinds, file, f"{where}.experiments.{name}", allow_experiments=False)
+
+
+def _check_resource_kinds(table: dict, file, where: str, allow_experiments: bool) -> None:
+    for kind, values in table.items():
+        if kind == "experiments" and allow_experiments:
+            continue
+        if kind not in RESOURCE_KINDS:
+            raise ConfigError(file, f"{where}.{kind}", f"unknown stage kind (allowed: {', '.join(RESOURCE_KINDS)}"
+                              f"{', experiments' if allow_experiments else ''})")
+        build(StageResources, values, file, f"{where}.{kind}", partial=True)
+        if kind == "train" and "gpu" in values:
+            raise ConfigError(file, f"{where}.train.gpu", "a training's GPUs are train.gpus (they set the global "
+                              "batch, so they are a training param): set that instead")
+        if kind not in DISTRIBUTED_KINDS and values.get("gpu", 0) > 1:
+            raise ConfigError(file, f"{where}.{kind}.gpu", f"{values['gpu']}: {kind} runs in one process, so one "
+                              f"GPU at most (only {', '.join(DISTRIBUTED_KINDS)} run under torchrun)")
+
+
+def stage_resources(raw: dict, kind: str, experiment: tuple[str, str] | None = None,
+                    train_gpus: int | None = None) -> dict:
+    """One stage's resources: code defaults <- resources.<profile>.default <- .<kind> <- the
+    experiment's (its params name, then its swept name) <- train.gpus for training."""
+    table = (raw.get("resources") or {}).get(raw["profile"]) or {}
+    merged = dataclasses.asdict(StageResources())
+    layers = [table.get("default") or {}, table.get(kind) or {}]
+    if experiment:
+        name, source = experiment
+        exps = table.get("experiments") or {}
+        layers += [(exps.get(source) or {}).get(kind) or {}]
+        if name != source:
+            layers += [(exps.get(name) or {}).get(kind) or {}]
+    for layer in layers:
+        merged.update(layer)
+    if kind == "train" and train_gpus is not None:
+        merged["gpu"] = train_gpus
+    return merged
 
 
 def _nest(dotted: str, value) -> dict:
@@ -919,8 +1014,34 @@ def _check_detrdistill_pair(teacher: ModelConfig, student: ModelConfig, dd: DETR
                               "queries")
 
 
+def global_batch(t: TrainConfig) -> int:
+    """Images per optimiser step over all processes."""
+    return t.batch_size * max(t.gpus, 1)
+
+
+def lr_factor(t: TrainConfig) -> float:
+    """What train.lr_scaling multiplies the written LRs by at this global batch."""
+    return math.sqrt(global_batch(t) / t.lr_scaling.base_batch) if t.lr_scaling.rule == "sqrt" else 1.0
+
+
+def _check_train(t: TrainConfig, file, path) -> None:
+    """GPU count, device and LR rule agree; then the LRs become the ones training uses."""
+    if t.gpus > 0 and t.device == "cpu":
+        raise ConfigError(file, f"{path}.train.gpus", f"{t.gpus} GPUs with train.device: cpu; set device: cuda "
+                          "(or auto), or gpus: 0 for one CPU process")
+    factor = lr_factor(t)
+    for key in ("lr", "lr_backbone"):
+        if getattr(t, key) * factor > 1.0:
+            raise ConfigError(file, f"{path}.train.{key}", f"{getattr(t, key)} x {factor:.4g} (lr_scaling "
+                              f"{t.lr_scaling.rule}, global batch {global_batch(t)}) is above the maximum 1.0")
+    # applied once, here, where the file's values are resolved: train.py reads the final LRs, and the
+    # params hash / MLflow params see them beside the rule that made them
+    t.lr, t.lr_backbone = t.lr * factor, t.lr_backbone * factor
+
+
 def _profile_from_dict(d: dict, file, path) -> ProfileConfig:
     prof = build(ProfileConfig, d, file, path)
+    _check_train(prof.train, file, path)
     if prof.data.dataset == "synth" and prof.data.synth is None:
         raise ConfigError(file, f"{path}.data.synth", "dataset 'synth' needs a synth section")
     if len(prof.data.area_ranges) != 2 or not 0 < prof.data.area_ranges[0] < prof.data.area_ranges[1]:

@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .utils.process import pid_alive
+
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 SIDECAR_DIR = Path("mlruns/sidecars")
 ARTIFACT_DIR = Path("mlruns/artifacts")
@@ -148,18 +150,18 @@ def _unreachable(e: Exception) -> bool:
     return isinstance(e, ConnectionError) or "Max retries exceeded" in text or "Connection refused" in text
 
 
+def _transient(e: BaseException) -> bool:
+    """A store race (a sqlite lock held by a parallel job) is worth waiting for; a broken
+    store, a full disk or an unreachable server is not."""
+    return isinstance(e, Exception) and not isinstance(e, (StoreBroken, OSError)) and not _unreachable(e)
+
+
 def _retry(fn, *args, attempts: int = 6, **kwargs):
-    delay = 0.5
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except (StoreBroken, OSError):
-            raise  # a broken store or a full disk is no race: waiting cannot fix it
-        except Exception as e:  # noqa: BLE001 - store races (sqlite locks)
-            if i == attempts - 1 or _unreachable(e):
-                raise
-            time.sleep(delay)
-            delay *= 2
+    """``fn`` with up to ``attempts`` tries, 0.5 s apart and doubling, on transient errors only
+    (tenacity; the last error is raised as it is)."""
+    import tenacity
+    return tenacity.Retrying(retry=tenacity.retry_if_exception(_transient), stop=tenacity.stop_after_attempt(attempts),
+                             wait=tenacity.wait_exponential(multiplier=0.5, max=16), reraise=True)(fn, *args, **kwargs)
 
 
 def _connect():
@@ -175,14 +177,67 @@ def _connect():
         raise _broken(db, f"mlflow cannot open it ({type(e).__name__}: {e})") from e
 
 
+# MLflow 3's UI opens an experiment with this tag on its model-training view, not the GenAI one
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=ARTIFACT_DIR.resolve().as_uri())
+        return client.create_experiment(name, artifact_location=ARTIFACT_DIR.resolve().as_uri(),
+                                        tags=EXPERIMENT_KIND)
     except Exception:  # noqa: BLE001 - another process created it first
         return client.get_experiment_by_name(name).experiment_id
+
+
+INVOCATION_ENV = "EFFDETR_INVOCATION"  # set by the Snakefile: one id per `snakemake` run
+
+
+def invocation_parent(client, exp_id: str, invocation: str) -> str:
+    """The run id of the DAG invocation's parent run in this experiment, created by the first
+    stage of the invocation that logs there (under the store's lock: parallel jobs find one
+    parent, not one each). Its stage runs are nested under it."""
+    def find():
+        found = client.search_runs([exp_id], filter_string=f"tags.`effdetr.invocation` = '{invocation}' and "
+                                                           "tags.`effdetr.parent` = 'true'")
+        return found[0].info.run_id if found else None
+    run_id = _retry(find)
+    if run_id:
+        return run_id
+    db = _sqlite_path(tracking_uri())
+    with _store_lock(db) if db is not None else contextlib.nullcontext():
+        run_id = _retry(find)
+        if run_id is None:
+            run_id = _retry(client.create_run, exp_id, run_name=f"dag {invocation}",
+                            tags={"effdetr.invocation": invocation, "effdetr.parent": "true",
+                                  "mlflow.source.name": "snakemake"}).info.run_id
+    return run_id
+
+
+def finish_invocation(invocation: str, status: str) -> list[str]:
+    """Close every parent run of ``invocation`` (Snakemake's onsuccess / onerror)."""
+    client = _connect()
+    closed = []
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`effdetr.invocation` = "
+                                      f"'{invocation}' and tags.`effdetr.parent` = 'true'"):
+            if run.info.status == "RUNNING":
+                _retry(client.set_terminated, run.info.run_id, status)
+                closed.append(run.info.run_id)
+    return closed
+
+
+def _link_parent(client, exp_id: str, tags: dict) -> dict:
+    """The tags of a stage run, nested under its invocation's parent when it has one."""
+    invocation = tags.get("effdetr.invocation")
+    tags = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}  # a store's id, not the sidecar's
+    if invocation:
+        tags["mlflow.parentRunId"] = invocation_parent(client, exp_id, invocation)
+    return tags
 
 
 def init_store(experiment: str) -> str:
@@ -204,27 +259,35 @@ class Run:
     """One tracked invocation; use as a context manager. Logs go to the sidecar, then to MLflow.
 
     No method raises because of tracking: a store failure is warned about once and the run
-    goes on in the sidecar alone (``sync`` completes it in the store later)."""
+    goes on in the sidecar alone (``sync`` completes it in the store later).
+
+    Under torchrun only rank 0 tracks: on the other ranks (``RANK`` > 0) every method is a
+    no-op, so a DDP command leaves one MLflow run and one sidecar."""
 
     def __init__(self, experiment: str, run_name: str, tags: dict[str, str], params: dict):
         self.uid = uuid.uuid4().hex
+        invocation = {"effdetr.invocation": os.environ[INVOCATION_ENV]} if os.environ.get(INVOCATION_ENV) else {}
         self.record = {"uid": self.uid, "experiment": experiment, "run_name": run_name,
-                       "tags": {**{k: str(v) for k, v in tags.items()}, "effdetr.uid": self.uid},
+                       "tags": {**{k: str(v) for k, v in tags.items()}, "effdetr.uid": self.uid, **invocation},
                        "params": flatten(params), "metrics": [], "artifacts": [],
                        "status": "RUNNING", "mlflow_run_id": None, "start_time": int(time.time() * 1000),
                        "pid": os.getpid(), "host": socket.gethostname(), "tracking_errors": []}
         self.client = None
         self.run_id = None
         self._failed: set[str] = set()
+        self.active = os.environ.get("RANK", "0") in ("", "0")
 
     # -- context management ---------------------------------------------------------------
     def __enter__(self) -> "Run":
+        if not self.active:
+            return self
         self._flush()
         try:
             self.client = _connect()
             exp_id = _retry(experiment_id, self.client, self.record["experiment"])
             run = _retry(self.client.create_run, exp_id, run_name=self.record["run_name"],
-                         tags=self.record["tags"], start_time=self.record["start_time"])
+                         tags=_link_parent(self.client, exp_id, self.record["tags"]),
+                         start_time=self.record["start_time"])
             self.run_id = run.info.run_id
             self.record["mlflow_run_id"] = self.run_id
             self._batch(params=self.record["params"])
@@ -234,6 +297,8 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self.active:
+            return False
         self.record["status"] = "FINISHED" if exc_type is None else "FAILED"
         self.record["end_time"] = int(time.time() * 1000)
         self._flush()
@@ -287,6 +352,8 @@ class Run:
 
     # -- logging ---------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        if not self.active:
+            return
         now = int(time.time() * 1000)
         entries = [{"key": k.replace("@", "_"), "value": float(v), "step": int(step), "timestamp": now}
                    for k, v in metrics.items() if v is not None]
@@ -299,6 +366,8 @@ class Run:
                 self._store_failed(e)
 
     def log_artifact(self, path: str | Path) -> None:
+        if not self.active:
+            return
         path = Path(path)
         self.record["artifacts"].append(str(path))
         self._flush()
@@ -320,13 +389,7 @@ def _writer_gone(rec: dict, sidecar: Path) -> bool:
         return True  # sidecars from before pids were recorded
     if host != socket.gethostname():
         return time.time() - sidecar.stat().st_mtime > OTHER_HOST_STALE_S
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, another user's
-    return False
+    return not pid_alive(pid)
 
 
 def _fill(client, run_id: str, rec: dict, status: str, existing=None) -> bool:
@@ -378,7 +441,7 @@ def sync(sidecar_dir: Path = SIDECAR_DIR) -> tuple[list[str], list[str]]:
                 continue
             completed.append(rec["uid"])
         else:
-            run_id = client.create_run(exp_id, run_name=rec["run_name"], tags=rec["tags"],
+            run_id = client.create_run(exp_id, run_name=rec["run_name"], tags=_link_parent(client, exp_id, rec["tags"]),
                                        start_time=rec["start_time"]).info.run_id
             _fill(client, run_id, rec, status)
             imported.append(rec["uid"])

@@ -19,6 +19,8 @@ import json
 import os
 from pathlib import Path
 
+from .download import sha256sum
+
 SPLITS = ("train", "val")
 FORMAT = 1
 
@@ -86,14 +88,6 @@ def save_cache(root: str | Path, cache: dict) -> None:
         pass
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> dict[str, list[int]]:
     """{relative posix name: [size, mtime_ns]} of every file below folder (dotfiles skipped)."""
     out, stack = {}, [(folder, "")]
@@ -133,7 +127,7 @@ def scan(kind: str, root: str | Path) -> dict:
             stamp = [st.st_size, st.st_mtime_ns]
             cached = hashes.get(rel)
             if not (isinstance(cached, list) and len(cached) == 3 and cached[:2] == stamp):
-                hashes[rel], dirty = stamp + [_sha256(ann)], True
+                hashes[rel], dirty = stamp + [sha256sum(ann)], True
             entry = {"file": rel, "sha256": hashes[rel][2]}
         splits[split] = {"annotations": entry, "images_dir": img_dir.relative_to(root).as_posix(),
                          "images": _files(img_dir)}

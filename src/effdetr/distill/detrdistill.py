@@ -30,34 +30,37 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from ..utils.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+from ..utils.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou, paired_generalized_box_iou
 
 _EPS = 1e-6
 
 
 def class_divergence(t_logits: Tensor, s_logits: Tensor, sigmoid: bool) -> Tensor:
-    """Pairwise divergence of teacher [T,K] and student [S,K] class predictions -> [T,S]."""
+    """Pairwise divergence of teacher [...,T,K] and student [...,S,K] class predictions ->
+    [...,T,S] (leading batch dimensions broadcast)."""
     if sigmoid:
         p, log_p, log_1p = t_logits.sigmoid(), F.logsigmoid(t_logits), F.logsigmoid(-t_logits)
         log_q, log_1q = F.logsigmoid(s_logits), F.logsigmoid(-s_logits)
-        ent = (p * log_p + (1 - p) * log_1p).sum(-1, keepdim=True)  # [T,1]
-        return ent - p @ log_q.T - (1 - p) @ log_1q.T
+        ent = (p * log_p + (1 - p) * log_1p).sum(-1, keepdim=True)  # [...,T,1]
+        return ent - p @ log_q.transpose(-1, -2) - (1 - p) @ log_1q.transpose(-1, -2)
     p, log_p = t_logits.softmax(-1), t_logits.log_softmax(-1)
-    return (p * log_p).sum(-1, keepdim=True) - p @ s_logits.log_softmax(-1).T
+    return (p * log_p).sum(-1, keepdim=True) - p @ s_logits.log_softmax(-1).transpose(-1, -2)
 
 
 def match_predictions(teacher: dict, student: dict, sigmoid: bool, w_class: float = 1.0, w_l1: float = 5.0,
                       w_giou: float = 2.0) -> list[tuple[Tensor, Tensor]]:
     """Per image, (teacher indices, student indices) of the lowest-cost one-to-one matching
-    (every query of the smaller set is matched)."""
-    out = []
+    (every query of the smaller set is matched). The costs of the whole batch are one
+    [B,T,S] tensor; only the assignment runs per image."""
     with torch.no_grad():
-        for tl, tb, sl, sb in zip(teacher["pred_logits"].float(), teacher["pred_boxes"].float(),
-                                  student["pred_logits"].float(), student["pred_boxes"].float()):
-            cost = (w_class * class_divergence(tl, sl, sigmoid) + w_l1 * torch.cdist(tb, sb, p=1)
-                    - w_giou * generalized_box_iou(box_cxcywh_to_xyxy(tb), box_cxcywh_to_xyxy(sb)))
-            ti, si = linear_sum_assignment(cost.cpu().numpy())
-            out.append((torch.as_tensor(ti, dtype=torch.long), torch.as_tensor(si, dtype=torch.long)))
+        tl, tb = teacher["pred_logits"].float(), teacher["pred_boxes"].float()
+        sl, sb = student["pred_logits"].float(), student["pred_boxes"].float()
+        cost = (w_class * class_divergence(tl, sl, sigmoid) + w_l1 * torch.cdist(tb, sb, p=1)
+                - w_giou * generalized_box_iou(box_cxcywh_to_xyxy(tb), box_cxcywh_to_xyxy(sb))).cpu()
+    out = []
+    for c in cost:
+        ti, si = linear_sum_assignment(c.numpy())
+        out.append((torch.as_tensor(ti, dtype=torch.long), torch.as_tensor(si, dtype=torch.long)))
     return out
 
 
@@ -76,7 +79,7 @@ def instance_terms(teacher: dict, student: dict, indices, sigmoid: bool) -> dict
             tl, p, reduction="sum")
     else:
         cls = F.kl_div(sl.log_softmax(-1), tl.log_softmax(-1), log_target=True, reduction="sum")
-    giou = torch.diagonal(generalized_box_iou(box_cxcywh_to_xyxy(sb), box_cxcywh_to_xyxy(tb))) if len(tl) else tl.sum(-1)
+    giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(sb), box_cxcywh_to_xyxy(tb)) if len(tl) else tl.sum(-1)
     return {"loss_pid_class": cls / n, "loss_pid_l1": (sb - tb).abs().sum() / n, "loss_pid_giou": (1 - giou).sum() / n}
 
 

@@ -9,11 +9,10 @@ would only teach noise. Trained as L = L_pred (Hungarian loss on ground truth) +
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from ..utils.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 
 
 def kd_terms(student: dict, teacher: dict, temperature: float) -> dict[str, Tensor]:
@@ -27,8 +26,8 @@ def kd_terms(student: dict, teacher: dict, temperature: float) -> dict[str, Tens
     weight = weight / weight.sum().clamp(min=1e-6)
     s_boxes, t_boxes = student["pred_boxes"].float(), teacher["pred_boxes"].float()
     l1 = ((s_boxes - t_boxes).abs().sum(-1) * weight).sum()
-    giou = torch.diagonal(generalized_box_iou(box_cxcywh_to_xyxy(s_boxes.flatten(0, 1)),
-                                              box_cxcywh_to_xyxy(t_boxes.flatten(0, 1))))
+    giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(s_boxes.flatten(0, 1)),
+                                      box_cxcywh_to_xyxy(t_boxes.flatten(0, 1)))
     loss_giou = ((1 - giou).view_as(weight) * weight).sum()
     return {"loss_kd_ce": loss_ce, "loss_kd_l1": l1, "loss_kd_giou": loss_giou}
 

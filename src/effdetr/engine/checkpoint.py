@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils.process import pid_alive
+
 
 class NonFiniteError(ValueError):
     """A tensor holds NaN/Inf (a ValueError, so the CLI reports it as an error)."""
@@ -56,16 +58,6 @@ def _is_disk_full(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "No space left" in str(e))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def remove_stale_temps(path: Path) -> None:
     """Delete ``.<name>.tmp.<pid>`` files that a killed writer of ``path`` left behind.
 
@@ -76,7 +68,7 @@ def remove_stale_temps(path: Path) -> None:
     prefix = f".{path.name}.tmp."
     for tmp in path.parent.glob(f"{prefix}*"):
         pid = tmp.name[len(prefix):]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
             tmp.unlink(missing_ok=True)
 
 

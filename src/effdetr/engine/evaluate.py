@@ -1,16 +1,22 @@
-"""Run a detector over a dataset and score it with COCOeval."""
+"""Run a detector over a dataset and score it with COCOeval.
+
+Under torchrun each rank predicts a contiguous run of whole batches (in rank order) and rank
+0 concatenates the shards' detections -- the list a single process makes, in its order --
+for one COCOeval; the other ranks return None.
+"""
 from __future__ import annotations
 
 import time
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..data.coco import CocoDetection, collate
 from ..evaluation.coco_eval import coco_evaluate, load_coco_gt
 from ..evaluation.flops import count_flops, token_shares
 from ..evaluation.speed import measure_fps
 from ..models.postprocess import postprocess
+from ..utils import dist
 from .checkpoint import NonFiniteError, check_finite
 
 
@@ -85,14 +91,28 @@ def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, floa
 
 def evaluate_dataset(model, dataset: CocoDetection, device, batch_size: int, num_workers: int,
                      area_ranges, amp: bool = False, flops_images: int = 0, fps_iters: int = 0,
-                     fps_warmup: int = 0, fps_batch_sizes: tuple[int, ...] = (1,)) -> dict:
+                     fps_warmup: int = 0, fps_batch_sizes: tuple[int, ...] = (1,),
+                     generator: torch.Generator | None = None) -> dict | None:
     """COCO AP (and optionally FLOPs / FPS) of ``model`` on ``dataset``; fails before any
-    compute on an empty split or non-finite weights, which could only give a fake AP."""
+    compute on an empty split or non-finite weights, which could only give a fake AP.
+    Distributed: rank 0's stats over every rank's shard, None on the other ranks."""
     if not len(dataset):
         raise ValueError(f"{dataset.ann_file}: the split has no images to evaluate")
     check_finite(model.state_dict(), "model to evaluate")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    world = dist.world_size()
+    part = dataset if world == 1 else Subset(dataset, dist.eval_shard(len(dataset), batch_size, dist.rank(), world))
+    # ``generator``: the loader's base seed from it, not the global RNG (a validation inside
+    # training must not shift the training's dropout stream)
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                        generator=generator)
     dets, ids, sec_per_img = predict(model, loader, device, amp)
+    if world > 1:
+        shards = dist.gather_to_main((dets, ids, sec_per_img * len(ids)))
+        if not dist.is_main():
+            return None
+        dets = [d for s in shards for d in s[0]]
+        ids = [i for s in shards for i in s[1]]
+        sec_per_img = sum(s[2] for s in shards) / max(len(ids), 1)
     gt = load_coco_gt(str(dataset.ann_file))
     # Labels without a category (e.g. the holes in COCO ids) can never match; drop them.
     valid = set(gt.getCatIds())

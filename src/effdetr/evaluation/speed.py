@@ -15,7 +15,6 @@ import time
 
 import torch
 
-from ..models.detr import set_encoder_attention
 
 
 def _sync(device: torch.device) -> None:
@@ -36,6 +35,7 @@ def encoder_inputs(model, image: torch.Tensor, device: torch.device):
 def time_encoder(model, dataset, settings: dict[str, tuple[str, object]], num_images: int,
                  warmup: int, repeats: int, amp: bool = False) -> dict[str, dict]:
     """settings: label -> (kernel kind, act config). Returns label -> {ms, score_mb, peak_mb}."""
+    from ..models.detr import set_encoder_attention  # DETR's encoder only (the speed stage's deps)
     device = next(model.parameters()).device
     model.eval()
     tf = model.transformer

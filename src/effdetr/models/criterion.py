@@ -5,19 +5,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from ..utils.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
+from ..utils.dist import mean_over_ranks
 from .matcher import HungarianMatcher
+
+
+def matched_index(indices, device) -> tuple[Tensor, Tensor]:
+    """(image, query) index pairs of every match of the batch, image by image: one gather or
+    scatter for the whole batch instead of one per image."""
+    batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    return batch.to(device), torch.cat([src for src, _ in indices]).to(device)
+
+
+def matched_labels(targets: list[dict], indices) -> Tensor:
+    """The matched targets' labels, in :func:`matched_index` order."""
+    return torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)])
 
 
 def matched_box_losses(out: dict, targets: list[dict], indices, num_boxes: float) -> dict[str, Tensor]:
     """L1 and 1 - GIoU of the matched (prediction, ground truth) boxes, summed / num_boxes."""
-    pred = torch.cat([out["pred_boxes"][i, src] for i, (src, _) in enumerate(indices)]).float()
+    pred = out["pred_boxes"][matched_index(indices, out["pred_boxes"].device)].float()
     gt = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).float()
     l1 = F.l1_loss(pred, gt, reduction="none").sum() / num_boxes
     if len(pred) == 0:
         giou = pred.sum()
     else:
-        giou = (1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt)))).sum() / num_boxes
+        giou = (1 - paired_generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))).sum() / num_boxes
     return {"loss_bbox": l1, "loss_giou": giou}
 
 
@@ -42,8 +55,7 @@ class SetCriterion(nn.Module):
     def loss_labels(self, out: dict, targets: list[dict], indices, num_boxes: float) -> dict:
         logits = out["pred_logits"].float()
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        for i, (src, tgt) in enumerate(indices):
-            target_classes[i, src.to(logits.device)] = targets[i]["labels"][tgt]
+        target_classes[matched_index(indices, logits.device)] = matched_labels(targets, indices)
         loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
         return {"loss_ce": loss}
 
@@ -62,7 +74,10 @@ class SetCriterion(nn.Module):
         """Unweighted losses by name; combine with :meth:`weight_dict`. ``indices``: a fixed
         (query, target) assignment for every layer instead of Hungarian matching (DETRDistill's
         teacher-assisted stream)."""
-        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        # DETR under DDP: the boxes of the whole global batch, / world size (each rank's loss
+        # is then averaged by DDP); the plain count in a single process
+        num_boxes = float(sum(len(t["labels"]) for t in targets))
+        num_boxes = max(mean_over_ranks(num_boxes, targets[0]["labels"].device if targets else None), 1.0)
         losses = self._single(outputs, targets, num_boxes, indices=indices)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self._single(aux, targets, num_boxes, f"_{i}", indices))

@@ -35,10 +35,8 @@ from .backbone import Backbone
 from .deformable_transformer import (DeformableDecoder, DeformableDecoderLayer, DeformableEncoder,
                                      DeformableEncoderLayer, box_sine_embedding, gather_tokens, refine,
                                      token_proposals, valid_ratios)
-from .detr import MLP
-from .lite_detr import InterleavedEncoder
+from .mlp import MLP
 from .position import PositionEmbeddingSine
-from .sparse_detr import ScoringNetwork, attention_map, dam_target, select_tokens
 
 TWO_STAGE_VARIANTS = ("deformable_detr", "sparse_detr")
 _MASKED_LOGIT = -1e4  # objectness logits of tokens that cannot be proposals (effdetr's ablation head)
@@ -119,6 +117,7 @@ class DeformableDETR(nn.Module):
         self.position = PositionEmbeddingSine(dim // 2, offset=-0.5)  # Deformable DETR's convention
         enc_layer = DeformableEncoderLayer(dim, heads, levels, points, ffn_dim, dropout, key_aware)
         if lite_high_levels is not None:  # Lite DETR: interleaved high/low-level updates
+            from .lite_detr import InterleavedEncoder  # imported where switched on (effdetr.codedeps)
             self.encoder = InterleavedEncoder(enc_layer, levels, lite_high_levels, lite_blocks, lite_high_updates,
                                               lite_low_update, lite_low_ffn_dim)
         else:
@@ -151,6 +150,7 @@ class DeformableDETR(nn.Module):
             self.query_embed = nn.Embedding(num_queries, 2 * dim)
             self.reference = nn.Linear(dim, 2)
         if rho is not None:
+            from .sparse_detr import ScoringNetwork
             self.scorer = ScoringNetwork(dim)
             transformer.append(self.scorer)
             if saliency == "objectness":  # effdetr's: the official release has no objectness head
@@ -219,6 +219,7 @@ class DeformableDETR(nn.Module):
         if enc_aux:
             out["enc_aux_outputs"] = enc_aux
         if self.rho is not None and self.saliency == "dam" and self.training:
+            from .sparse_detr import attention_map, dam_target
             out["saliency"]["target"] = dam_target(attention_map(samplings, shapes), padding, self.rho)
         return out
 
@@ -229,6 +230,7 @@ class DeformableDETR(nn.Module):
     def sparsify(self, tokens: Tensor, padding: Tensor, anchors: Tensor, usable: Tensor, out: dict):
         """Sparse DETR: score (features + position) through the two-stage projection, keep
         the top rho of each image -> (keep [B,K], keep_valid [B,K])."""
+        from .sparse_detr import select_tokens
         feats = self.proposal_features(tokens, usable)
         scores = self.scorer(feats, padding)
         keep, keep_valid = select_tokens(scores, padding, self.rho)

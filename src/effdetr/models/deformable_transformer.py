@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.attention import MultiHeadAttention
-from ..ops.kda import KeyAwareDeformAttn
 from ..ops.msda import MSDeformAttn
 from .transformer import FeedForward
 
@@ -85,8 +84,12 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 
 
 def deformable_attention(dim, heads, levels, points, key_aware: bool = False) -> MSDeformAttn:
-    """MSDA, or Lite DETR's key-aware variant (weights from the sampled keys)."""
-    return (KeyAwareDeformAttn if key_aware else MSDeformAttn)(dim, heads, levels, points)
+    """MSDA, or Lite DETR's key-aware variant (weights from the sampled keys; its module is
+    imported only for it, see effdetr.codedeps)."""
+    if key_aware:
+        from ..ops.kda import KeyAwareDeformAttn
+        return KeyAwareDeformAttn(dim, heads, levels, points)
+    return MSDeformAttn(dim, heads, levels, points)
 
 
 class DeformableEncoderLayer(nn.Module):

@@ -5,23 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.act import ACTAttentionKernel, KMeansAttentionKernel
 from ..ops.attention import DenseAttentionKernel
 from .backbone import Backbone
+from .mlp import MLP
 from .position import PositionEmbeddingSine
 from .transformer import Transformer
 
-
-class MLP(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_layers: int):
-        super().__init__()
-        dims = [in_dim] + [hidden] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [out_dim]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
+__all__ = ["DETR", "MLP", "build_detr", "set_encoder_attention"]
 
 
 class DETR(nn.Module):
@@ -116,7 +106,10 @@ def set_encoder_attention(transformer: Transformer, kind: str, act_cfg=None) -> 
     """Put ``kind`` (dense | act | kmeans) kernels into every encoder self-attention.
 
     Kernels hold no trained parameters, so this works on a trained model in place; layer
-    i hashes with seed ``act_cfg.seed + i`` (independent projections per layer)."""
+    i hashes with seed ``act_cfg.seed + i`` (independent projections per layer). ACT's
+    module is imported only for its kernels (a dense model's code does not include it)."""
+    if kind in ("act", "kmeans"):
+        from ..ops.act import ACTAttentionKernel, KMeansAttentionKernel
     for i, attn in enumerate(transformer.encoder_attention_modules()):
         if kind == "dense":
             attn.kernel = DenseAttentionKernel()

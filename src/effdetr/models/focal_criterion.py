@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .criterion import matched_box_losses
+from ..utils.dist import mean_over_ranks
+from .criterion import matched_box_losses, matched_index, matched_labels
 from .matcher import HungarianMatcher
-from .sparse_detr import dam_loss
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -46,8 +46,7 @@ class FocalSetCriterion(nn.Module):
             indices = self.matcher(out, targets)
         logits = out["pred_logits"].float()
         onehot = torch.zeros_like(logits)
-        for i, (src, tgt) in enumerate(indices):
-            onehot[i, src.to(logits.device), targets[i]["labels"][tgt]] = 1.0
+        onehot[(*matched_index(indices, logits.device), matched_labels(targets, indices))] = 1.0
         losses = {"loss_ce": sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma).sum() / num_boxes,
                   **matched_box_losses(out, targets, indices, num_boxes)}
         return {k + suffix: v for k, v in losses.items()}
@@ -55,7 +54,10 @@ class FocalSetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict], indices=None) -> dict[str, Tensor]:
         """Unweighted losses by name; combine with :meth:`total`. ``indices``: a fixed (query,
         target) assignment for every decoder layer instead of Hungarian matching."""
-        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        # DETR under DDP: the boxes of the whole global batch, / world size (each rank's loss
+        # is then averaged by DDP); the plain count in a single process
+        num_boxes = float(sum(len(t["labels"]) for t in targets))
+        num_boxes = max(mean_over_ranks(num_boxes, targets[0]["labels"].device if targets else None), 1.0)
         losses = self.set_loss(outputs, targets, num_boxes, "", indices=indices)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self.set_loss(aux, targets, num_boxes, f"_{i}", indices=indices))
@@ -69,6 +71,7 @@ class FocalSetCriterion(nn.Module):
                                         class_agnostic=True))
         sal = outputs.get("saliency", {})
         if "target" in sal:
+            from .sparse_detr import dam_loss  # Sparse DETR's only
             losses["loss_saliency"] = dam_loss(sal["logits"], sal["target"], sal["padding"])
         return losses
 

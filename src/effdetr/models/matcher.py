@@ -31,7 +31,7 @@ class HungarianMatcher(nn.Module):
         return pos - neg
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, tgt: dict) -> Tensor:
-        """One image: logits [Q,K+1] (or [Q,K] sigmoid), boxes [Q,4] -> cost [Q,T]."""
+        """Predictions logits [N,K+1] (or [N,K] sigmoid), boxes [N,4] against targets -> cost [N,T]."""
         c_class = self.class_cost(logits, tgt["labels"])
         c_l1 = torch.cdist(boxes.float(), tgt["boxes"].float(), p=1)
         c_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes.float()), box_cxcywh_to_xyxy(tgt["boxes"].float()))
@@ -39,14 +39,24 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
-        """Returns per image (pred_idx, tgt_idx) int64 tensors of equal length min(Q, T)."""
+        """Returns per image (pred_idx, tgt_idx) int64 tensors of equal length min(Q, T).
+
+        One cost matrix for the whole batch (every query against every image's targets, as the
+        official matcher), cut into per-image blocks for the assignment: each entry is the
+        same arithmetic as a per-image matrix, with a few ops per batch instead of per image."""
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if not sum(sizes):
+            return [(empty, empty) for _ in targets]
+        q = outputs["pred_logits"].shape[1]
+        tgt = {k: torch.cat([t[k] for t in targets]) for k in ("labels", "boxes")}
+        cost = self.cost_matrix(outputs["pred_logits"].flatten(0, 1), outputs["pred_boxes"].flatten(0, 1), tgt)
+        blocks = cost.view(len(targets), q, -1).cpu().split(sizes, -1)
         result = []
-        for i, tgt in enumerate(targets):
-            if len(tgt["labels"]) == 0:
-                empty = torch.empty(0, dtype=torch.int64)
+        for i, block in enumerate(blocks):
+            if sizes[i] == 0:
                 result.append((empty, empty))
                 continue
-            cost = self.cost_matrix(outputs["pred_logits"][i], outputs["pred_boxes"][i], tgt).cpu()
-            rows, cols = linear_sum_assignment(cost.numpy())
+            rows, cols = linear_sum_assignment(block[i].numpy())
             result.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return result

@@ -63,18 +63,22 @@ def attention_map(sampling: list[tuple[Tensor, Tensor]], spatial_shapes: list[tu
     out = sampling[0][0].new_zeros(b, total)
     start = 0
     for lvl, (h, w) in enumerate(spatial_shapes):
-        for loc, weight in sampling:
-            xy = loc[:, :, :, lvl].detach().float().reshape(b, -1, 2)
-            a = weight[:, :, :, lvl].detach().float().reshape(b, -1)
-            x, y = xy[..., 0] * w - 0.5, xy[..., 1] * h - 0.5
-            x0, y0 = x.floor(), y.floor()
-            fx, fy = x - x0, y - y0
-            for dx, dy, cw in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
-                               (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
-                xi, yi = (x0 + dx).long(), (y0 + dy).long()
-                inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-                idx = (start + yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1))
-                out.scatter_add_(1, idx, a * cw * inside)
+        # every layer at once, one scatter per level over [layer, corner, point] in that order:
+        # each cell receives the same additions in the same order as a scatter per layer and
+        # corner would make
+        xy = torch.stack([loc[:, :, :, lvl] for loc, _ in sampling], 1).detach().float().reshape(b, len(sampling), -1, 2)
+        a = torch.stack([wt[:, :, :, lvl] for _, wt in sampling], 1).detach().float().reshape(b, len(sampling), -1)
+        x, y = xy[..., 0] * w - 0.5, xy[..., 1] * h - 0.5
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        srcs, idxs = [], []
+        for dx, dy, cw in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                           (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+            xi, yi = (x0 + dx).long(), (y0 + dy).long()
+            inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+            idxs.append(start + yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1))
+            srcs.append(a * cw * inside)
+        out.scatter_add_(1, torch.stack(idxs, 2).flatten(1), torch.stack(srcs, 2).flatten(1))
         start += h * w
     return out
 

@@ -35,6 +35,11 @@ def reference_mode():
         _FORCE_REFERENCE = prev
 
 
+def counting_flops() -> bool:
+    """Inside :func:`reference_mode` (the FLOPs counter): ops keep the form it counts."""
+    return _FORCE_REFERENCE
+
+
 def sample_points(value: Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: Tensor) -> Tensor:
     """Bilinear samples of each head's value map: value [B,S,M,D], locations [B,Q,M,L,K,2]
     -> [B*M, D, Q, L*K] (the sampling half of MSDA; key-aware attention reuses it)."""

@@ -63,20 +63,31 @@ def claim_keys(spec_row: dict) -> list[str]:
     return ["claim"] if "claim" in spec_row else []
 
 
+def claim_problem(claim) -> tuple[str, str] | None:
+    """What is wrong with a claim's shape, as (sub-key, message): the sub-key is ``.<key>`` for
+    an unknown key, ``""`` for the claim as a whole. None for ``"reference"`` or a mapping with
+    exactly one kind and no unknown key. The paper-YAML schema and :func:`judge` both read it."""
+    if claim == "reference":
+        return None
+    if not isinstance(claim, dict):
+        return "", f"claim {claim!r} is neither 'reference' nor a mapping with one of: {', '.join(KINDS)}"
+    unknown = sorted(map(str, set(claim) - set(KINDS) - {"metric", "vs"}))
+    if unknown:
+        return (f".{unknown[0]}", f"claim {claim!r}: unknown key {unknown[0]!r}; a claim has exactly one of: "
+                                  f"{', '.join(KINDS)}, plus `metric` and, for max_drop / max_ratio, `vs`")
+    kinds = [k for k in KINDS if k in claim]
+    if len(kinds) != 1:
+        what = "no claim kind" if not kinds else f"several kinds ({', '.join(kinds)})"
+        return "", f"claim {claim!r}: {what}; a claim has exactly one of: {', '.join(KINDS)}"
+    return None
+
+
 def claim_kind(claim, where: str) -> str:
     """``"reference"`` or the one kind of a claim mapping; ValueError naming ``where`` otherwise."""
-    if claim == "reference":
-        return "reference"
-    if not isinstance(claim, dict):
-        raise ValueError(f"{where}: claim {claim!r} is neither 'reference' nor a mapping with one of: "
-                         f"{', '.join(KINDS)}")
-    kinds = [k for k in KINDS if k in claim]
-    unknown = sorted(set(claim) - set(KINDS) - {"metric", "vs"})
-    if unknown or len(kinds) != 1:
-        what = (f"unknown key(s) {', '.join(map(str, unknown))}" if unknown
-                else "no claim kind" if not kinds else f"several kinds ({', '.join(kinds)})")
-        raise ValueError(f"{where}: claim {claim!r}: {what}; a claim has exactly one of: {', '.join(KINDS)}")
-    return kinds[0]
+    problem = claim_problem(claim)
+    if problem is not None:
+        raise ValueError(f"{where}: {problem[1]}")
+    return "reference" if claim == "reference" else next(k for k in KINDS if k in claim)
 
 
 def _within(verdict: str, margin: float, spread: float | None) -> str:

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_training_curves(history: list[dict], title: str, out: Path) -> None:
-    """One line per train_* loss across epochs."""
+    """One line per train_* loss across epochs, and the val AP where the training validated."""
     keys = sorted({k for h in history for k in h if k.startswith("train_")})
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     epochs = [h["epoch"] for h in history]
@@ -21,8 +21,14 @@ def plot_training_curves(history: list[dict], title: str, out: Path) -> None:
     ax.set_ylabel("loss (unweighted components; 'loss' = weighted total)")
     ax.set_yscale("log")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
+    val = [(h["epoch"], 100 * h["val_AP"]) for h in history if h.get("val_AP") is not None]
+    if val:  # the in-training validation (train.val_every), on its own axis
+        ax2 = ax.twinx()
+        ax2.plot([e for e, _ in val], [v for _, v in val], marker="s", ms=4, color="black", label="val AP")
+        ax2.set_ylabel("val AP (%)")
+        ax2.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -71,5 +77,15 @@ def plot_tradeoff(series: dict[str, dict[str, tuple[float, float]]], xlabel: str
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def plot_placeholder(title: str, text: str, out: Path) -> None:
+    """A declared figure whose data is not there yet (so the table stage's outputs always exist)."""
+    fig, ax = plt.subplots(figsize=(6, 2.4), dpi=100)
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
     fig.savefig(out)
     plt.close(fig)

@@ -18,23 +18,40 @@ def box_area(b: Tensor) -> Tensor:
 
 
 def box_iou(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Pairwise IoU and union of xyxy boxes: [N,4] x [M,4] -> [N,M]."""
+    """Pairwise IoU and union of xyxy boxes: [...,N,4] x [...,M,4] -> [...,N,M] (leading
+    batch dimensions broadcast)."""
     area_a, area_b = box_area(a), box_area(b)
-    lt = torch.max(a[:, None, :2], b[None, :, :2])
-    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
+    lt = torch.max(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.min(a[..., :, None, 2:], b[..., None, :, 2:])
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
+    union = area_a[..., :, None] + area_b[..., None, :] - inter
     return inter / union, union
 
 
 def generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise GIoU of xyxy boxes, [N,M]; degenerate (inverted) boxes are a caller bug."""
-    if not ((a[:, 2:] >= a[:, :2]).all() and (b[:, 2:] >= b[:, :2]).all()):
+    """Pairwise GIoU of xyxy boxes, [...,N,M]; degenerate (inverted) boxes are a caller bug."""
+    if not ((a[..., 2:] >= a[..., :2]).all() and (b[..., 2:] >= b[..., :2]).all()):
         raise ValueError("generalized_box_iou: boxes must be xyxy with x1>=x0, y1>=y0")
     iou, union = box_iou(a, b)
-    lt = torch.min(a[:, None, :2], b[None, :, :2])
-    rb = torch.max(a[:, None, 2:], b[None, :, 2:])
+    lt = torch.min(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.max(a[..., :, None, 2:], b[..., None, :, 2:])
     wh = (rb - lt).clamp(min=0)
+    hull = wh[..., 0] * wh[..., 1]
+    return iou - (hull - union) / hull
+
+
+def paired_generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """GIoU of aligned pairs of xyxy boxes, [N,4] x [N,4] -> [N]: the diagonal of
+    :func:`generalized_box_iou` by the same arithmetic (so the same floats and gradients), in
+    O(N) instead of an N x N matrix whose off-diagonal the losses never read."""
+    if not ((a[:, 2:] >= a[:, :2]).all() and (b[:, 2:] >= b[:, :2]).all()):
+        raise ValueError("paired_generalized_box_iou: boxes must be xyxy with x1>=x0, y1>=y0")
+    area_a, area_b = box_area(a), box_area(b)
+    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a + area_b - inter
+    iou = inter / union
+    wh = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
     hull = wh[..., 0] * wh[..., 1]
     return iou - (hull - union) / hull

@@ -9,7 +9,8 @@ Schema. Top level: ``paper`` (the citation) and ``tables`` (table id -> table). 
 optionally ``kind: flops`` and ``figure`` (``file``, ``x`` and ``y`` metrics, ``rows``,
 ``baselines`` among them). A row: ``label``, paper numbers under metric names of the table,
 ``claim`` or ``claims`` (see reporting/claims.py), ``seeds`` (the experiments averaged into
-the row), ``gain_vs`` (a row of the table) and ``profiles``. Claims compare with rows of the
+the row), ``gain_vs`` (a row of the table), ``ref`` (the row its changes are shown against, where
+not the nearest reference row above it) and ``profiles``. Claims compare with rows of the
 same table. No other keys: a typo is an error, never a silently empty cell.
 """
 from __future__ import annotations
@@ -20,12 +21,12 @@ from pathlib import Path
 
 import yaml
 
-from ..claims import KINDS, NEEDS_VS, TOLERANCES, claim_keys, row_claims
+from ..claims import NEEDS_VS, TOLERANCES, claim_keys, claim_kind, claim_problem, row_claims
 
 TOP_KEYS = {"paper", "tables"}
 TABLE_KEYS = {"title", "protocol", "metrics", "rows", "kind", "figure"}
 TABLE_KINDS = {"flops"}
-ROW_KEYS = {"label", "claim", "claims", "seeds", "gain_vs", "profiles"}
+ROW_KEYS = {"label", "claim", "claims", "seeds", "gain_vs", "profiles", "ref"}
 FIGURE_KEYS = {"file", "x", "y", "rows", "baselines"}
 
 
@@ -46,19 +47,12 @@ def _name_list(v) -> bool:
 
 
 def _check_claim(claim, key: str, row_key: str, row: dict, table: dict, err) -> None:
+    problem = claim_problem(claim)
+    if problem is not None:
+        err(key + problem[0], problem[1])
     if claim == "reference":
         return
-    if not isinstance(claim, dict):
-        err(key, f"a claim is 'reference' or a mapping with one of {', '.join(KINDS)}, got {claim!r}")
-    unknown = sorted(set(claim) - set(KINDS) - {"metric", "vs"})
-    if unknown:
-        err(f"{key}.{unknown[0]}", f"unknown claim key (a claim has one of {', '.join(KINDS)}, "
-                                   "plus `metric` and, for max_drop / max_ratio, `vs`)")
-    kinds = [k for k in KINDS if k in claim]
-    if len(kinds) != 1:
-        err(key, f"a claim has exactly one kind of {', '.join(KINDS)}, got "
-                 f"{', '.join(kinds) if kinds else 'none'} in {claim!r}")
-    kind = kinds[0]
+    kind = claim_kind(claim, key)
     metrics, rows = table["metrics"], table["rows"]
     if "metric" in claim and claim["metric"] not in metrics:
         err(f"{key}.metric", f"unknown metric {claim['metric']!r} (the table's metrics: {', '.join(metrics)})")
@@ -130,6 +124,8 @@ def _check_table(table, tkey: str, err) -> None:
                 err(f"{rkey}.{k}", "expected a non-empty list of names")
         if "gain_vs" in row and (row["gain_vs"] not in rows or row["gain_vs"] == rk):
             err(f"{rkey}.gain_vs", f"{row['gain_vs']!r} is not another row of this table")
+        if "ref" in row and (row["ref"] not in rows or row["ref"] == rk):
+            err(f"{rkey}.ref", f"{row['ref']!r} is not another row of this table")
         if "claim" in row and "claims" in row:
             err(f"{rkey}.claims", "give `claim` (one) or `claims` (a list), not both")
         if "claims" in row and (not isinstance(row["claims"], list) or not row["claims"]):

@@ -1,0 +1,47 @@
+"""reports/README.md: the built tables by paper with their claim counts, the ones not built
+yet, and Snakemake's per-job benchmark records summarised per rule."""
+import csv
+from pathlib import Path
+
+from effdetr import config as C
+from effdetr.reporting.index import benchmark_summary, build_index
+from effdetr.reporting.plan import plan_tables
+from effdetr.reporting.tables import CSV_COLUMNS
+from tests.conftest import TINY
+
+HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def write_table(out: Path, tid: str, claims: dict[str, str]) -> None:
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "tables" / f"{tid}.md").write_text(f"# {tid}\n")
+    with open(out / "tables" / f"{tid}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for row, claim in claims.items():
+            w.writerow([row, row, "AP", "1", "1", "", "", "", "", claim])
+
+
+def test_index_lists_built_tables_by_paper_with_claim_counts_and_names_the_rest(tmp_path):
+    params, _ = C.load_params(TINY)
+    plans = plan_tables(params)
+    write_table(tmp_path, "act_main", {"a": "reference", "b": "AP: yes (+1 vs a)", "c": "AP: no (-1 vs a)"})
+    write_table(tmp_path, "sparse_main", {"s": "AP: inconclusive: +0.1 vs a, within the seed spread 0.50"})
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "train_detr_dc5.tsv").write_text(HEADER + "120\t0:02:00\t1500.4\t1\t1\t1\t0\t0\t90\t200\n")
+    (bench / "train_sparse_detr_rho0p3.tsv").write_text(HEADER + "60\t0:01:00\t900\t1\t1\t1\t0\t0\t90\t100\n")
+    (bench / "data.tsv").write_text(HEADER + "6\t0:00:06\tNA\t1\t1\t1\t0\t0\t90\t5\n")
+    text = build_index(params, plans, tmp_path, bench).read_text()
+    assert "## ACT (Zheng et al., BMVC 2021) (`snakemake paper_act`)" in text
+    assert "| 1 yes, 1 no | [csv](tables/act_main.csv) |" in text
+    assert "1 inconclusive" in text
+    built = {"act_main", "sparse_main"}
+    missing = sorted(set(plans) - built)
+    assert "Not built yet: " + ", ".join(f"`{t}`" for t in missing) + "." in text
+    assert "| train | 2 | 3.0 min | train_detr_dc5 (2.0 min) | 1500 MB (train_detr_dc5) | 5.0 min |" in text
+    assert "| data | 1 | 0.1 min | data (0.1 min) | — | 0.1 min |" in text
+
+
+def test_no_benchmark_records_no_section(tmp_path):
+    assert benchmark_summary(tmp_path / "none") == []
