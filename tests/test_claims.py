@@ -95,6 +95,17 @@ def test_each_row_is_compared_with_the_nearest_reference_above_it_or_its_own_ref
     assert rows["b2"]["cells"]["AP"]["paper_change"] == -1.0 and rows["c"]["cells"]["AP"]["paper_change"] == -2.0
 
 
+def test_a_second_seed_of_a_paper_row_is_labelled_as_that_row_and_its_seed():
+    """Runs the paper has no row for (second seeds, effdetr's own variants) follow the paper's
+    rows; a second seed reads as its row's label and seed, anything else by its name."""
+    rep = {"base": {"AP": 30.0}, "fast": {"AP": 29.0}, "fast_seed43": {"AP": 28.0}, "mine": {"AP": 27.0}}
+    rows = table_cells(plan_of(SPEC, extra=["fast_seed43", "mine", "unrun_seed7"]), rep)
+    labels = {r["key"]: r["label"] for r in rows}
+    assert labels["fast_seed43"] == "Fast, seed 43" and labels["mine"] == "mine"
+    assert "unrun_seed7" not in labels  # not run: named under the table, not a row of dashes
+    assert rows[[r["key"] for r in rows].index("fast_seed43")]["cells"]["AP"]["reproduced_change"] == -2.0
+
+
 def test_seed_rows_average_with_sample_sd_and_gains_use_the_means(tmp_path):
     import json
 

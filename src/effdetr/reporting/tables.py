@@ -86,6 +86,16 @@ def _num(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def extra_row_label(key: str, spec: dict) -> str:
+    """The label of a run the paper has no row for: a second seed of a paper row reads as that
+    row's label and its seed (``sparse_detr_rho0p1_seed43`` -> ``Sparse DETR (rho=0.1), seed
+    43``); any other run by its experiment name."""
+    base, sep, seed = key.rpartition("_seed")
+    if sep and seed.isdigit() and base in spec["rows"]:
+        return f"{spec['rows'][base].get('label', base)}, seed {seed}"
+    return key
+
+
 def table_cells(plan: TablePlan, reproduced: dict[str, dict], spreads: dict[str, dict] | None = None,
                 paper_scale: bool = False) -> list[dict]:
     """One dict per shown row: label, key, reference, claim, and per metric ``paper``,
@@ -93,7 +103,7 @@ def table_cells(plan: TablePlan, reproduced: dict[str, dict], spreads: dict[str,
     spec, mode = plan.spec, comparison(plan, paper_scale)
     out = []
     for key in plan.rows:
-        row = spec["rows"].get(key, {"label": key})
+        row = spec["rows"].get(key, {"label": extra_row_label(key, spec)})
         got = reproduced.get(key, {})
         if key not in spec["rows"] and not got:
             continue  # an experiment of this repo's own, not run yet: named under the table
