@@ -94,6 +94,20 @@ def test_kill_at_the_epoch_boundary_resumes_at_the_next_epoch(reference, tiny_cf
     assert_same_weights(weights(tmp_path / "model.pt"), weights(reference["model"]))
 
 
+def test_a_resumed_runs_training_time_includes_the_sessions_before(reference, tiny_cfg, tiny_data, tmp_path,
+                                                                    capsys):
+    """train_seconds of a run that spans sessions is their sum (each up to its last snapshot),
+    not the last session's alone: the snapshot carries the time trained so far. Checked by
+    the bookkeeping (a snapshot that says 1000 s were trained), not by timing anything."""
+    work = tmp_path / "work"
+    shutil.copytree(reference["work"], work)
+    st = torch.load(work / "last.pt", weights_only=False)
+    assert 0 < st["trained_seconds"] < 1000
+    save_atomic({**st, "trained_seconds": 1000.0}, work / "last.pt")
+    result = engine.train(small(tiny_cfg), str(tiny_data), str(tmp_path / "model.pt"), str(work), "h")
+    assert result["train_seconds"] >= 1000.0
+
+
 def test_kill_after_the_last_epoch_writes_the_model_without_training(reference, tiny_cfg, tiny_data, tmp_path,
                                                                      capsys):
     """Killed after the last epoch's snapshot (epoch 2 of 2) but before the final model file --

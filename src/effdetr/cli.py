@@ -203,7 +203,8 @@ def _train(args, cfg, exp) -> None:
         result = train(cfg, args.data, args.out, str(work), phash, run=run, backbone_weights=args.backbone,
                        init=args.init, teacher=args.teacher, distill_cfg=exp.distill,
                        val_dataset=_validation_dataset(cfg, args.data) if cfg.train.val_every else None)
-        seconds = time.time() - t0
+        # the training's own time, summed over the sessions a resumed run spans
+        seconds = result.get("train_seconds", time.time() - t0)
         if not dist.is_main():  # rank 0 alone writes (its Run is the only one that tracks)
             return
         run.log_metrics({"train_seconds": seconds}, step=cfg.train.epochs)

@@ -230,6 +230,7 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
     work = Path(work_dir)
     state_path = work / "last.pt"
     start_epoch, start_iter, step, history, meters = 0, 0, 0, [], {}
+    trained_s = 0.0
     st, resumed_from = _load_resumable_ranked(work)
     if world > 1:
         seed_everything(t.seed + 1000003 * rank)  # each rank its own dropout stream
@@ -246,10 +247,17 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
         optimizer.load_state_dict(st["optimizer"])
         start_epoch, start_iter, step = st["epoch"], st["iter"], st["step"]
         history, meters = st["history"], st["meters"]
+        trained_s = st.get("trained_seconds", 0.0)
         set_rng_state(st["rng_ranks"][rank] if world > 1 else st["rng"])
         if dist.is_main():
             print(f"[train] resuming from {resumed_from}: epoch {start_epoch} iter {start_iter}")
     resumed = f" (resumed from {resumed_from})" if resumed_from else ""
+    segment_start = time.time()
+
+    def trained_seconds() -> float:
+        """This run's training time so far, the sessions before a resume included (up to their
+        last snapshot: the work after it is redone, and counted, once)."""
+        return trained_s + time.time() - segment_start
 
     def check_weights(where):
         """Never snapshot or write non-finite weights: they would replace the last good state."""
@@ -268,6 +276,7 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                          "distiller": distiller.state_dict() if distiller is not None else {},
                          "iter": it, "step": step, "history": history, "meters": meters, "rng": rngs[0],
+                         "trained_seconds": trained_seconds(),
                          "params_hash": phash, **extra}, state_path, previous=work / "prev.pt")
 
     num_aux = cfg.model.dec_layers - 1 if cfg.model.aux_loss else 0
@@ -333,4 +342,4 @@ def train(cfg, data_root: str, out_path: str, work_dir: str, phash: str, run=Non
     if dist.is_main():
         save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(cfg.model),
                      "params_hash": phash, "epochs": t.epochs}, out_path)
-    return {"final": history[-1] if history else {}, "history": history}
+    return {"final": history[-1] if history else {}, "history": history, "train_seconds": trained_seconds()}
