@@ -32,7 +32,9 @@ def test_index_lists_built_tables_by_paper_with_claim_counts_and_names_the_rest(
     (bench / "train_detr_dc5.tsv").write_text(HEADER + "120\t0:02:00\t1500.4\t1\t1\t1\t0\t0\t90\t200\n")
     (bench / "train_sparse_detr_rho0p3.tsv").write_text(HEADER + "60\t0:01:00\t900\t1\t1\t1\t0\t0\t90\t100\n")
     (bench / "data.tsv").write_text(HEADER + "6\t0:00:06\tNA\t1\t1\t1\t0\t0\t90\t5\n")
-    text = build_index(params, plans, tmp_path, bench).read_text()
+    from effdetr import stages as S
+    table = S.build_stages(S.load_raw(str(TINY)), str(TINY))
+    text = build_index(params, plans, tmp_path, bench, stages=table).read_text()
     assert "## ACT (Zheng et al., BMVC 2021) (`snakemake paper_act`)" in text
     assert "| 1 yes, 1 no | [csv](tables/act_main.csv) |" in text
     assert "1 inconclusive" in text
@@ -41,6 +43,18 @@ def test_index_lists_built_tables_by_paper_with_claim_counts_and_names_the_rest(
     assert "Not built yet: " + ", ".join(f"`{t}`" for t in missing) + "." in text
     assert "| train | 2 | 3.0 min | train_detr_dc5 (2.0 min) | 1500 MB (train_detr_dc5) | 5.0 min |" in text
     assert "| data | 1 | 0.1 min | data (0.1 min) | — | 0.1 min |" in text
+    # the chain through the teacher outweighs the one through the Sparse DETR training
+    assert "Critical path: 2.1 min of wall time, data (0.1) -> train_detr_dc5 (2.0). All jobs: 5.1 CPU-minutes." in text
+
+
+def test_critical_path_is_the_heaviest_chain_of_the_stage_graph():
+    """A diamond a -> (b, c) -> d with b slow: a, b, d; stages without a record count 0."""
+    from effdetr.stages import Stage, critical_path
+    st = [Stage("a", ["x"], [], outs=["A"]), Stage("b", ["x"], [], deps=["A"], outs=["B"]),
+          Stage("c", ["x"], [], deps=["A"], outs=["C"]), Stage("d", ["x"], [], deps=["B", "C"], outs=["D"]),
+          Stage("e", ["x"], [], deps=["D"], outs=["E"])]
+    assert critical_path(st, {"a": 1.0, "b": 5.0, "c": 2.0, "d": 1.0}) == (7.0, ["a", "b", "d", "e"])
+    assert critical_path(st, {"c": 9.0}) == (9.0, ["a", "c", "d", "e"])
 
 
 def test_no_benchmark_records_no_section(tmp_path):

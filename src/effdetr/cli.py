@@ -392,7 +392,10 @@ def cmd_report(args) -> None:
     if args.what == "table" and not args.table:
         raise ValueError("report table: --table is required (e.g. --table act_main)")
     if args.what == "index":
-        print(f"[report] wrote {build_index(params, plan_tables(params), Path(args.out))}")
+        from .stages import build_stages, load_raw
+        index = build_index(params, plan_tables(params), Path(args.out),
+                            stages=build_stages(load_raw(args.params), args.params))
+        print(f"[report] wrote {index}")
         return
     phash = C.params_hash(raw)
     paper_scale = C.profile_config(args.params).data.dataset == "coco"
@@ -405,7 +408,9 @@ def cmd_report(args) -> None:
         context = {"profile": params.profile, "params_hash": phash, "run_id": run.run_id}
         written = build_reports(params, Path(args.metrics), Path(args.out), context, paper_scale, only)
         if not only:
-            written.append(build_index(params, plan_tables(params), Path(args.out)))
+            from .stages import build_stages, load_raw
+            written.append(build_index(params, plan_tables(params), Path(args.out),
+                                       stages=build_stages(load_raw(args.params), args.params)))
         for path in written:
             run.log_artifact(path)
     print(f"[report] wrote {len(written)} files under {args.out}")

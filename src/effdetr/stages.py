@@ -273,22 +273,27 @@ def build_stages(raw: dict, params_file: str = "params.yaml") -> list[Stage]:
     return stages
 
 
-def _set_priorities(stages: list[Stage]) -> None:
-    """Each stage's priority = the number of stages downstream of it, transitively. Among the
-    jobs that can start, Snakemake then runs first the one that unblocks the most work: the
-    DETR-DC5 teacher (ACT, MTKD and the DETRDistill students wait on it) before a baseline
-    that only its eval and a table read, so the cores do not idle on a long tail at the end."""
+def stage_children(stages: list[Stage]) -> dict[str, set[str]]:
+    """Stage name -> the stages that read one of its outputs."""
     producer = {o: st.name for st in stages for o in st.all_outputs()}
     children: dict[str, set[str]] = {st.name: set() for st in stages}
     for st in stages:
         for dep in st.deps:
             if dep in producer and producer[dep] != st.name:
                 children[producer[dep]].add(st.name)
+    return children
+
+
+def _set_priorities(stages: list[Stage]) -> None:
+    """Each stage's priority = the number of stages downstream of it, transitively. Among the
+    jobs that can start, Snakemake then runs first the one that unblocks the most work: the
+    DETR-DC5 teacher (ACT, MTKD and the DETRDistill students wait on it) before a baseline
+    that only its eval and a table read, so the cores do not idle on a long tail at the end."""
+    children = stage_children(stages)
     below: dict[str, set[str]] = {}
 
     def downstream(name: str) -> set[str]:
         if name not in below:
-            below[name] = set()  # the table is acyclic; this only guards the recursion
             found = set(children[name])
             for child in children[name]:
                 found |= downstream(child)
@@ -297,6 +302,21 @@ def _set_priorities(stages: list[Stage]) -> None:
 
     for st in stages:
         st.priority = len(downstream(st.name))
+
+
+def critical_path(stages: list[Stage], seconds: dict[str, float]) -> tuple[float, list[str]]:
+    """The chain of stages with the largest summed ``seconds`` (a stage not in it counts 0):
+    what no number of cores shortens. -> (its seconds, its stage names in run order)."""
+    children = stage_children(stages)
+    best: dict[str, tuple[float, list[str]]] = {}
+
+    def longest(name: str) -> tuple[float, list[str]]:
+        if name not in best:
+            tail = max((longest(c) for c in children[name]), default=(0.0, []), key=lambda t: t[0])
+            best[name] = (seconds.get(name, 0.0) + tail[0], [name] + tail[1])
+        return best[name]
+
+    return max((longest(st.name) for st in stages), default=(0.0, []), key=lambda t: t[0])
 
 
 def _plan_experiments(plan) -> list[str]:

@@ -15,10 +15,12 @@ def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(parts) if parts else "no claims judged"
 
 
-def benchmark_summary(folder: Path) -> list[str]:
+def benchmark_summary(folder: Path, stages=None) -> list[str]:
     """Markdown lines summarising Snakemake's ``benchmark:`` records (one TSV per job, named
-    <rule>_<wildcard>.tsv): per rule, the jobs, their total and largest wall time and peak
-    memory. Empty when no job has been recorded (a DVC run, or a fresh clone)."""
+    <rule>_<wildcard>.tsv, i.e. after its stage): per rule, the jobs, their total and largest
+    wall time, peak memory and CPU time; with the stage table, the critical path (the chain
+    of jobs whose wall times sum highest: the DAG's floor on any number of cores). Empty when
+    no job has been recorded (a DVC run, or a fresh clone)."""
     import csv
     rows: dict[str, list[tuple[str, float, float, float]]] = {}
     for f in sorted(folder.glob("*.tsv")) if folder.is_dir() else []:
@@ -49,11 +51,19 @@ def benchmark_summary(folder: Path) -> list[str]:
         mem = f"{peak[2]:.0f} MB ({peak[0]})" if peak[2] == peak[2] else "—"
         lines.append(f"| {rule} | {len(recs)} | {wall / 60:.1f} min | {longest[0]} ({longest[1] / 60:.1f} min) | "
                      f"{mem} | {cpu / 60:.1f} min |")
+    if stages:
+        from ..stages import critical_path
+        seconds = {name: s for recs in rows.values() for name, s, _, _ in recs if s == s}
+        total, chain = critical_path(stages, seconds)
+        cpu = sum(x[3] for recs in rows.values() for x in recs if x[3] == x[3])
+        lines += ["", f"Critical path: {total / 60:.1f} min of wall time, "
+                      + " -> ".join(f"{n} ({seconds[n] / 60:.1f})" for n in chain if n in seconds)
+                      + f". All jobs: {cpu / 60:.1f} CPU-minutes."]
     return lines + [""]
 
 
 def build_index(params, plans: dict[str, TablePlan], out_dir: Path,
-                benchmarks: Path = Path("logs/benchmarks")) -> Path:
+                benchmarks: Path = Path("logs/benchmarks"), stages=None) -> Path:
     """The index of ``out_dir``: every planned table that has been built (a table stage may
     run alone), grouped by paper, with its claim counts; the others named as not built."""
     tables = out_dir / "tables"
@@ -86,7 +96,7 @@ def build_index(params, plans: dict[str, TablePlan], out_dir: Path,
         lines.append("")
     if missing:
         lines += ["Not built yet: " + ", ".join(f"`{t}`" for t in missing) + ".", ""]
-    lines += benchmark_summary(benchmarks)
+    lines += benchmark_summary(benchmarks, stages)
     lines += ["Raw metrics: [metrics/](metrics/) (JSON, one folder per experiment).", ""]
     out = out_dir / "README.md"
     out.write_text("\n".join(lines))
