@@ -44,8 +44,19 @@ def run_ddp_benchmark(params: Path, experiment: str, data: Path, nproc: int = 2,
     """Train ``iters`` steps at global batch ``batch_size x nproc``: once in ``nproc`` processes,
     once in one; returns images/s of each and their ratio. Runs in a scratch folder (its own
     MLflow store and work root), so it never resumes or touches a real run."""
+    from .step_bench import _stage_files
     raw = yaml.safe_load(Path(params).read_text())
     b = raw["profiles"][raw["profile"]]["train"]["batch_size"]
+    # the weights its train stage starts from (pre-trained backbone, init, teacher), where the
+    # DAG has made them; without a backbone file the run starts from random weights
+    weights = {flag: str(Path(f).resolve()) for flag, f in _stage_files(Path(params), experiment).items()
+               if Path(f).exists()}
+    backbone = raw["profiles"][raw["profile"]].setdefault("model", {}).setdefault("backbone", {})
+    if "--backbone" not in weights:
+        backbone["pretrained"] = "none"
+    # several processes need frozen batch norm (train refuses per-process batch statistics);
+    # both runs use it, so they time the same model
+    backbone["freeze_bn"] = True
     bindir = Path(sys.executable).parent
     scratch = Path(tempfile.mkdtemp(prefix="effdetr-ddp-bench-"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch}/mlruns/mlflow.db"}
@@ -58,13 +69,14 @@ def run_ddp_benchmark(params: Path, experiment: str, data: Path, nproc: int = 2,
                     if procs > 1 else [str(bindir / "effdetr")])
             cmd = head + ["train", "--params", str(p), "--experiment", experiment, "--data", str(Path(data).resolve()),
                           "--out", str(scratch / label / "model.pt"), "--metrics", str(scratch / label / "m.json"),
-                          "--work-root", str(scratch / "work")]
+                          "--work-root", str(scratch / "work")] + [x for kv in weights.items() for x in kv]
             r = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, check=False)
             if r.returncode != 0:
-                raise RuntimeError(f"{label} benchmark run failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+                raise RuntimeError(f"{label} benchmark run failed ({' '.join(cmd)}):\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}")
             hist = json.loads(history_path(scratch / label / "m.json").read_text())
             seconds = sum(e["epoch_seconds"] for e in hist)
-            steps = min(iters, steps_per_epoch(_train_images(p, experiment, data), batch, procs))
+            # every epoch the run trained (an experiment's own schedule may keep more than one)
+            steps = len(hist) * min(iters, steps_per_epoch(_train_images(p, experiment, data), batch, procs))
             results[label] = {"processes": procs, "batch_per_process": batch, "global_batch": b * nproc,
                               "steps": steps, "loop_s": seconds, "images_per_s": steps * b * nproc / seconds}
     finally:
