@@ -106,18 +106,28 @@ def test_snakefmt_clean():
 
 
 def test_experiment_threads_reach_its_train_and_eval_stages(tmp_path):
-    """train.threads (e.g. 1 for Deformable DETR on the CPU) sets the Snakemake job size, so
-    single-thread jobs run side by side; experiments without it take all cores."""
+    """train.threads (1 in the synth profile: two single-thread jobs side by side on 2 cores)
+    sets the Snakemake job size of every training and eval; the pre-training, which every
+    other job waits on, takes all cores, and so does a job whose experiment sets no threads."""
     params = synth_copy(tmp_path)
     by_name = {st.name: st for st in stages.build_stages(stages.load_raw(params))}
-    assert by_name["train_sparse_detr_rho0p1"].threads == 1 and by_name["eval_sparse_detr_rho0p1"].threads == 1
-    assert by_name["train_detr_dc5"].threads is None and by_name["train_detr_dc5"].heavy
+    assert all(st.threads == 1 for n, st in by_name.items() if n.startswith(("train_", "eval_")))
+    assert by_name["pretrain"].threads is None and by_name["pretrain"].heavy
     r = snakemake("-n", "--forceall", "--cores", "2", "data/checkpoints/sparse_detr_rho0p1.pt",
                   "data/checkpoints/detr_dc5.pt", "--config", f"params={params}")
     assert r.returncode == 0, r.stderr
     blocks = planned_stages(r.stdout)
-    assert "threads: 2" in blocks["train_detr_dc5"]  # Snakemake prints threads only above 1
-    assert "threads:" not in blocks["train_sparse_detr_rho0p1"]
+    assert "threads: 2" in blocks["pretrain"]  # Snakemake prints threads only above 1
+    assert "threads:" not in blocks["train_sparse_detr_rho0p1"] and "threads:" not in blocks["train_detr_dc5"]
+
+    def all_cores_for_detr(raw):
+        del raw["profiles"]["synth"]["train"]["threads"]
+    params = synth_copy(tmp_path, all_cores_for_detr)
+    by_name = {st.name: st for st in stages.build_stages(stages.load_raw(params))}
+    assert by_name["train_detr_dc5"].threads is None and by_name["train_detr_dc5"].heavy
+    r = snakemake("-n", "--forceall", "--cores", "2", "data/checkpoints/detr_dc5.pt", "--config", f"params={params}")
+    assert r.returncode == 0, r.stderr
+    assert "threads: 2" in planned_stages(r.stdout)["train_detr_dc5"]
 
 
 def test_snakemake_inputs_include_the_published_numbers():

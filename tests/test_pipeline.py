@@ -301,7 +301,8 @@ def test_tiny_dag_end_to_end(workdir, mlflow_server):
               for s in ("paper", "reproduced")}
     rho03 = fig_spec["rows"]["sparse_detr_rho0p3"]
     assert {"model": rho03["label"], "gflops_total": rho03["gflops_total"], "AP": rho03["AP"]} in points["paper"]
-    assert {"model": rho03["label"], "gflops_total": pytest.approx(sp["gmacs_total"]), "AP": sp["AP"]} \
+    assert {"model": rho03["label"], "gflops_total": pytest.approx(sp["gmacs_total"]),
+            "AP": pytest.approx(100 * sp["AP"])} \
         in points["reproduced"]
     # Every table, cell by cell: reproduced = its metrics file, verdicts are verdicts.
     from effdetr.reporting.paper import load_paper_tables
