@@ -44,12 +44,12 @@ def run_ddp_benchmark(params: Path, experiment: str, data: Path, nproc: int = 2,
     """Train ``iters`` steps at global batch ``batch_size x nproc``: once in ``nproc`` processes,
     once in one; returns images/s of each and their ratio. Runs in a scratch folder (its own
     MLflow store and work root), so it never resumes or touches a real run."""
-    from .step_bench import _stage_files
+    from .step_bench import train_stage_weights
     raw = yaml.safe_load(Path(params).read_text())
     b = raw["profiles"][raw["profile"]]["train"]["batch_size"]
     # the weights its train stage starts from (pre-trained backbone, init, teacher), where the
     # DAG has made them; without a backbone file the run starts from random weights
-    weights = {flag: str(Path(f).resolve()) for flag, f in _stage_files(Path(params), experiment).items()
+    weights = {flag: str(Path(f).resolve()) for flag, f in train_stage_weights(Path(params), experiment).items()
                if Path(f).exists()}
     backbone = raw["profiles"][raw["profile"]].setdefault("model", {}).setdefault("backbone", {})
     if "--backbone" not in weights:

@@ -46,8 +46,9 @@ class PhaseTimer:
             self.cpu[name] += time.process_time() - c
 
 
-def _stage_files(params: Path, experiment: str) -> dict[str, str]:
-    """The train stage's weight inputs: {'--backbone'|'--init'|'--teacher': path}."""
+def train_stage_weights(params: Path, experiment: str) -> dict[str, str]:
+    """The train stage's weight inputs, {"--backbone" | "--init" | "--teacher": path}: what `bench
+    step` and `bench ddp` start from, as the DAG's training does."""
     from ..stages import build_stages, load_raw, stage_command
     stages = {s.name: s for s in build_stages(load_raw(str(params)), str(params))}
     stage = stages.get(f"train_{experiment}")
@@ -89,7 +90,7 @@ def run_step_bench(params: Path, experiment: str, data: str | None = None, warmu
     torch.set_num_threads(n_threads)
     device = resolve_device(t.device)
     root = data or cfg.data.root
-    files = _stage_files(params, experiment)
+    files = train_stage_weights(params, experiment)
     substituted = []
     with tempfile.TemporaryDirectory(prefix="effdetr-step-bench-") as tmp:
         for flag in list(files):
