@@ -4,11 +4,15 @@
 Sparse DETR, and an MTKD distillation, whose gradients the DDP code touches) plus one eval,
 with the code under ``--src``, one thread each, and writes every logged float as hex and a
 SHA-256 of each final model. tests/test_ddp.py reruns them with the current code and
-compares bitwise, on a machine with the recording's fingerprint (torch version, CPU kernel
-capability): elsewhere other kernels give other roundings and the comparison is skipped.
+compares bitwise, on a machine with a recording's fingerprint (torch version, CPU kernel
+capability, CPU model): elsewhere other kernels give other roundings and the comparison is
+skipped. Two AVX512 machines of different CPU models round differently, so the file keeps one
+record per fingerprint; the first record predates the CPU model in the fingerprint and serves
+the machines that no later record names.
 
 Recorded from 029e114 (the last change to src/ before DDP) with:
     python tests/golden_single_process.py --src <checkout of that commit>/src --out tests/data/golden_single_process.json
+which adds (or replaces) this machine's record.
 """
 from __future__ import annotations
 
@@ -29,10 +33,37 @@ TINY = HERE / "data" / "params_tiny.yaml"
 RUNS = ("detr_dc5", "sparse_detr_rho0p3", "act_mtkd_L16")
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def fingerprint() -> dict:
     import torch
     return {"torch": torch.__version__, "machine": platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu_model()}
+
+
+def records(golden: dict) -> list[dict]:
+    """The file's records (the first format held one, at the top level)."""
+    return golden["records"] if "records" in golden else [golden]
+
+
+def matching_record(golden: dict, fp: dict) -> dict | None:
+    """The record of this exact fingerprint, else one without a CPU model whose other keys match."""
+    recs = records(golden)
+    exact = [r for r in recs if r["fingerprint"] == fp]
+    if exact:
+        return exact[0]
+    named = {r["fingerprint"].get("cpu_model") for r in recs}
+    legacy = [r for r in recs if "cpu_model" not in r["fingerprint"]
+              and r["fingerprint"] == {k: v for k, v in fp.items() if k != "cpu_model"}]
+    return legacy[0] if legacy and fp["cpu_model"] not in named else None
 
 
 def _params(path: Path) -> Path:
@@ -116,7 +147,10 @@ def main() -> int:
     data = work / "synth"
     generate(experiment_config(TINY, "detr_dc5")[0].data.synth, data)
     record = run_all(Path(a.src).resolve(), work / "runs", data)
-    Path(a.out).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    out = Path(a.out)
+    kept = [r for r in records(json.loads(out.read_text())) if r["fingerprint"] != record["fingerprint"]] \
+        if out.exists() else []
+    out.write_text(json.dumps({"records": kept + [record]}, indent=1, sort_keys=True) + "\n")
     print(f"wrote {a.out}: {', '.join(record['runs'])} + eval, fingerprint {record['fingerprint']}")
     return 0
 

@@ -1,4 +1,5 @@
 """One DAG, two engines: the committed dvc.yaml, the stage table and Snakemake agree."""
+import json
 import re
 import subprocess
 
@@ -32,8 +33,8 @@ def test_snakemake_rules_are_the_stage_kinds_and_their_jobs_the_dvc_stages():
     plan = snakemake("-n", "--forceall", "--cores", "2", "all")
     assert plan.returncode == 0, plan.stderr
     assert set(planned_stages(plan.stdout)) - {"all"} == set(dvc)
-    # priority: the stages downstream of a job; the teacher that ACT, MTKD and the DETRDistill
-    # students wait on goes before a baseline only its eval and tables read
+    # priority: the expected seconds of work from a job to the end; the teacher that ACT, MTKD
+    # and the DETRDistill students wait on goes before a baseline only its eval and tables read
     table = {st.name: st for st in stages.build_stages(stages.load_raw(str(REPO / "params.yaml")))}
     planned = planned_stages(plan.stdout)
     prio = {name: int(re.search(r"^\s+priority: (\d+)$", block, flags=re.M).group(1))
@@ -45,6 +46,28 @@ def test_snakemake_rules_are_the_stage_kinds_and_their_jobs_the_dvc_stages():
     graph = snakemake("--rulegraph", "--forceall", "--cores", "2", "all")
     assert graph.returncode == 0, graph.stderr
     assert len(re.findall(r"label = \"", graph.stdout)) == 9  # the 8 kinds + all
+
+
+def test_priority_is_the_longest_chain_of_expected_work(tmp_path):
+    """A long training with one eval behind it goes before a short one that two stages wait
+    on; an unrecorded training counts as the median recorded one; other stages a minute."""
+    def metrics(name, seconds=None):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"train_seconds": seconds} if seconds else {}))
+        return str(path)
+    table = [stages.Stage("train_long", [], [], outs=["long.pt"], metrics=[metrics("long", 1000.0)], kind="train"),
+             stages.Stage("train_short", [], [], outs=["short.pt"], metrics=[metrics("short", 100.0)], kind="train"),
+             stages.Stage("train_new", [], [], deps=["short.pt"], outs=["new.pt"], metrics=[metrics("new")],
+                          kind="train"),
+             stages.Stage("eval_long", [], [], deps=["long.pt"], outs=["long.json"], kind="eval"),
+             stages.Stage("eval_new", [], [], deps=["new.pt"], outs=["new.json"], kind="eval")]
+    stages._set_priorities(table)
+    prio = {st.name: st.priority for st in table}
+    # the median of the recorded trainings (100, 1000) is the upper one, 1000
+    assert prio == {"train_long": 1060, "train_short": 1160, "train_new": 1060, "eval_long": 60, "eval_new": 60}
+    table[0].metrics = [metrics("long", 3000.0)]
+    stages._set_priorities(table)
+    assert table[0].priority == 3060 and table[1].priority == 100 + 3000 + 60
 
 
 def test_snakemake_plan_matches_dvc_commands_and_outputs():

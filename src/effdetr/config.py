@@ -1100,9 +1100,26 @@ def _profile_from_dict(d: dict, file, path) -> ProfileConfig:
     return prof
 
 
+# load_params' results per (file, content digest): one command reads the params file several
+# times (its experiment, its profile, the stage table), and parsing + validating costs ~1 s
+_LOADED: dict[tuple[str, str], tuple[Params, dict]] = {}
+
+
 def load_params(path: str | Path) -> tuple[Params, dict]:
-    raw = read_yaml(path)
-    return validate_raw(raw, path), raw
+    """The validated params and the raw mapping of a params file (fresh copies per call, so
+    a caller's edit never leaks into another's)."""
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        digest = None  # read_yaml names the problem
+    key = (str(Path(path).resolve()), digest)
+    if digest is None or key not in _LOADED:
+        raw = read_yaml(path)
+        loaded = (validate_raw(raw, path), raw)
+        if digest is None:
+            return loaded
+        _LOADED[key] = copy.deepcopy(loaded)
+    return copy.deepcopy(_LOADED[key])
 
 
 def profile_config(path: str | Path, profile: str | None = None) -> ProfileConfig:

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from . import codedeps
-from .config import ConfigError, deep_merge, expand_experiments, read_yaml, stage_resources
+from .config import ConfigError, deep_merge, expand_experiments, stage_resources
 from .data.manifest import manifest_path, refresh_if_present
 from .utils.records import history_path, provenance_path
 
@@ -49,7 +49,7 @@ class Stage:
     key: str = ""
     # per-epoch histories (DVC `plots:`; a training's curves)
     plots: list[str] = field(default_factory=list)
-    # Snakemake `priority:` (set by build_stages: how many stages wait on this one)
+    # Snakemake `priority:` (set by build_stages: the expected seconds of work from it to the end)
     priority: int = 0
     # a table's trade-off figure as data, for dvc.yaml's top-level `plots:` (name, x, y, files)
     figure_data: list[dict] = field(default_factory=list)
@@ -284,24 +284,50 @@ def stage_children(stages: list[Stage]) -> dict[str, set[str]]:
     return children
 
 
-def _set_priorities(stages: list[Stage]) -> None:
-    """Each stage's priority = the number of stages downstream of it, transitively. Among the
-    jobs that can start, Snakemake then runs first the one that unblocks the most work: the
-    DETR-DC5 teacher (ACT, MTKD and the DETRDistill students wait on it) before a baseline
-    that only its eval and a table read, so the cores do not idle on a long tail at the end."""
-    children = stage_children(stages)
-    below: dict[str, set[str]] = {}
+# a stage's cost when no earlier run recorded it: a training's is the median recorded
+# training's (or 10 min), any other stage's about a minute (evals, FLOPs, speed, tables)
+_UNRECORDED_TRAIN_S, _OTHER_S = 600.0, 60.0
 
-    def downstream(name: str) -> set[str]:
-        if name not in below:
-            found = set(children[name])
-            for child in children[name]:
-                found |= downstream(child)
-            below[name] = found
-        return below[name]
+
+def recorded_seconds(st: Stage) -> float | None:
+    """The wall seconds an earlier run of this stage recorded (a training's ``train_seconds``,
+    summed over resumed sessions), or None."""
+    for m in st.metrics:
+        try:
+            value = json.loads(Path(m).read_text()).get("train_seconds")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, (int, float)) and value > 0:
+            return float(value)
+    return None
+
+
+def estimated_seconds(stages: list[Stage]) -> dict[str, float]:
+    """Stage name -> its expected wall seconds, for scheduling only (never a result)."""
+    recorded = {st.name: recorded_seconds(st) for st in stages}
+    trains = sorted(v for st in stages if st.kind in ("train", "pretrain") and (v := recorded[st.name]))
+    typical = trains[len(trains) // 2] if trains else _UNRECORDED_TRAIN_S
+    return {st.name: recorded[st.name] or (typical if st.kind in ("train", "pretrain") else _OTHER_S)
+            for st in stages}
+
+
+def _set_priorities(stages: list[Stage]) -> None:
+    """Each stage's priority = the expected seconds of the longest chain of work from it to
+    the end of the DAG (itself included; the last run's recorded training times). Among the
+    jobs that can start, Snakemake then runs first the one with the most work behind it: the
+    DETR-DC5 teacher that ACT, MTKD and the DETRDistill students wait on, and the long Lite
+    DETR trainings, before short baselines, so the cores do not idle on a long tail at the end."""
+    seconds = estimated_seconds(stages)
+    children = stage_children(stages)
+    longest: dict[str, float] = {}
+
+    def chain(name: str) -> float:
+        if name not in longest:
+            longest[name] = seconds[name] + max((chain(c) for c in children[name]), default=0.0)
+        return longest[name]
 
     for st in stages:
-        st.priority = len(downstream(st.name))
+        st.priority = int(round(chain(st.name)))
 
 
 def critical_path(stages: list[Stage], seconds: dict[str, float]) -> tuple[float, list[str]]:
@@ -388,10 +414,8 @@ def start_invocation() -> str:
 
 def load_raw(params_file: str) -> dict:
     """Parse and fully validate params (errors name file + key) before building the DAG."""
-    from .config import validate_raw
-    raw = read_yaml(params_file)
-    validate_raw(raw, params_file)
-    return raw
+    from .config import load_params
+    return load_params(params_file)[1]
 
 
 def expand_deps(deps: list[str], root: Path = Path(".")) -> list[str]:

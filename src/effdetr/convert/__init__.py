@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read: params validation reads
+    from torch import nn  # the releases table of this package and must not pay for torch
 
 
 def load_official(path: str | Path) -> dict:
     """An official checkpoint file, read without running pickled code: tensors, plain
     containers and the ``argparse.Namespace`` of training args the official main.py saves."""
+    import torch
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")

@@ -57,32 +57,54 @@ def predict(model, loader: DataLoader, device: torch.device, amp: bool = False) 
     return detections, image_ids, model_time / max(len(image_ids), 1)
 
 
+def cost_depends_on_content(model) -> bool:
+    """True when a forward's cost is not a function of the input's shape alone: a kernel
+    that reports its own ``exact_macs()`` (ACT, K-means: prototypes per image)."""
+    return any(callable(getattr(m, "exact_macs", None)) for m in model.modules())
+
+
 @torch.no_grad()
+def image_flops(model, img: torch.Tensor, parts: dict[str, str], kernels: list) -> dict[str, float]:
+    """One image's GMACs per part, token shares, encoder token counts and (clustering
+    kernels) prototypes per layer."""
+    device = next(model.parameters()).device
+    mask = torch.zeros(1, *img.shape[-2:], dtype=torch.bool, device=device)
+    outputs: dict = {}
+    stats = {f"gmacs_{k}": v for k, v in count_flops(model, img[None].to(device), mask, parts, outputs).items()}
+    stats.update(token_shares(model, outputs))
+    for key in ("tokens", "kept_tokens"):  # multi-scale models: encoder tokens, Sparse DETR's kept ones
+        if key in outputs:
+            stats[f"encoder_{key}"] = float(outputs[key])
+    for layer, kernel in enumerate(kernels):
+        counts = getattr(kernel, "last_counts", None)
+        if counts is not None:  # clustering kernels: prototypes per head, this image
+            stats[f"prototypes_layer{layer}"] = float(counts.float().mean())
+            stats["encoder_tokens"] = float(kernel.last_tokens)
+    return stats
+
+
 def mean_flops(model, dataset: CocoDetection, num_images: int) -> dict[str, float]:
     """GMACs per part averaged over the first images, one at a time at their own size
-    (attention cost depends on the token count, and for ACT on the image content)."""
+    (attention cost depends on the token count, and for ACT on the image content). A model
+    whose cost depends on the shape alone is counted once per distinct image shape: the
+    same per-image numbers, summed in the same order."""
     parts = model.flops_parts
-    device = next(model.parameters()).device
     transformer = getattr(model, "transformer", None)
     kernels = [attn.kernel for attn in transformer.encoder_attention_modules()] if transformer else []
+    per_shape = not cost_depends_on_content(model)
+    seen: dict[tuple[int, ...], dict[str, float]] = {}
     sums: dict[str, float] = {}
     n = min(num_images, len(dataset))
     if n == 0:
         raise ValueError(f"{getattr(dataset, 'ann_file', 'dataset')}: no images to count FLOPs on")
     for i in range(n):
         img, _ = dataset[i]
-        mask = torch.zeros(1, *img.shape[-2:], dtype=torch.bool, device=device)
-        outputs: dict = {}
-        stats = {f"gmacs_{k}": v for k, v in count_flops(model, img[None].to(device), mask, parts, outputs).items()}
-        stats.update(token_shares(model, outputs))
-        for key in ("tokens", "kept_tokens"):  # multi-scale models: encoder tokens, Sparse DETR's kept ones
-            if key in outputs:
-                stats[f"encoder_{key}"] = float(outputs[key])
-        for layer, kernel in enumerate(kernels):
-            counts = getattr(kernel, "last_counts", None)
-            if counts is not None:  # clustering kernels: prototypes per head, this image
-                stats[f"prototypes_layer{layer}"] = float(counts.float().mean())
-                stats["encoder_tokens"] = float(kernel.last_tokens)
+        shape = tuple(img.shape)
+        stats = seen.get(shape) if per_shape else None
+        if stats is None:
+            stats = image_flops(model, img, parts, kernels)
+            if per_shape:
+                seen[shape] = stats
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v / n
     sums["gmacs_transformer"] = sums["gmacs_total"] - sums["gmacs_backbone"]

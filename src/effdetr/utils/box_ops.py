@@ -29,10 +29,15 @@ def box_iou(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return inter / union, union
 
 
+def check_xyxy(caller: str, *boxes: Tensor) -> None:
+    """GIoU is defined for xyxy boxes with x1>=x0, y1>=y0; inverted ones are a caller bug."""
+    if not all((b[..., 2:] >= b[..., :2]).all() for b in boxes):
+        raise ValueError(f"{caller}: boxes must be xyxy with x1>=x0, y1>=y0")
+
+
 def generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise GIoU of xyxy boxes, [...,N,M]; degenerate (inverted) boxes are a caller bug."""
-    if not ((a[..., 2:] >= a[..., :2]).all() and (b[..., 2:] >= b[..., :2]).all()):
-        raise ValueError("generalized_box_iou: boxes must be xyxy with x1>=x0, y1>=y0")
+    """Pairwise GIoU of xyxy boxes, [...,N,M]."""
+    check_xyxy("generalized_box_iou", a, b)
     iou, union = box_iou(a, b)
     lt = torch.min(a[..., :, None, :2], b[..., None, :, :2])
     rb = torch.max(a[..., :, None, 2:], b[..., None, :, 2:])
@@ -45,8 +50,7 @@ def paired_generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
     """GIoU of aligned pairs of xyxy boxes, [N,4] x [N,4] -> [N]: the diagonal of
     :func:`generalized_box_iou` by the same arithmetic (so the same floats and gradients), in
     O(N) instead of an N x N matrix whose off-diagonal the losses never read."""
-    if not ((a[:, 2:] >= a[:, :2]).all() and (b[:, 2:] >= b[:, :2]).all()):
-        raise ValueError("paired_generalized_box_iou: boxes must be xyxy with x1>=x0, y1>=y0")
+    check_xyxy("paired_generalized_box_iou", a, b)
     area_a, area_b = box_area(a), box_area(b)
     wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
