@@ -22,8 +22,12 @@ demo: $(STAMP)
 	@echo "demo done: tables in demo/reports/README.md, figures in demo/reports/figures/,"
 	@echo "runs: .venv/bin/mlflow ui --backend-store-uri sqlite:///demo/mlruns/mlflow.db"
 
+# one pytest worker per core, at most 4 (pytest-xdist); a test file stays on one worker, so its
+# module fixtures are built once. Most tests wait on subprocesses (Snakemake, effdetr, DVC).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=10 -n $(TEST_WORKERS) --dist loadfile
 
 # headless Chromium (Debian's package) for tests/test_mlflow_ui.py; best effort: without it
 # (no root, no apt) that test is skipped and says why
