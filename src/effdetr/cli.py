@@ -524,6 +524,14 @@ def cmd_bench(args) -> None:
         if args.out:
             _write_json(result, args.out)
         return
+    if args.op == "schedule":
+        from .evaluation.schedule_bench import format_schedule, run_schedule_benchmark
+        from .stages import build_stages, load_raw
+        result = run_schedule_benchmark(build_stages(load_raw(args.params), args.params), args.cores)
+        print(format_schedule(result))
+        if args.out:
+            _write_json(result, args.out)
+        return
     if args.op == "dag":
         from .evaluation.dag_bench import run_dag_benchmark
         result = run_dag_benchmark(Path.cwd(), Path(args.dag_params), args.cores)
@@ -628,8 +636,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="-", help="file to write; - for stdout")
     sp = add("bench", cmd_bench, "benchmark an op (msda: reference vs Triton vs the official CUDA op), "
                                  "the workflow (dag: a cold snakemake run of a small params file) or "
-                                 "data parallelism (ddp) or one experiment's training step, phase by phase (step)")
-    sp.add_argument("op", choices=["msda", "dag", "ddp", "step"], help="what to benchmark")
+                                 "data parallelism (ddp) or one experiment's training step, phase by phase (step), "
+                                 "or replay the DAG's job order on N cores from recorded stage times (schedule)")
+    sp.add_argument("op", choices=["msda", "dag", "ddp", "step", "schedule"], help="what to benchmark")
     sp.add_argument("--mode", choices=["procs", "step"], default="procs",
                     help="ddp: N processes vs 1 (procs) or one device's DDP step vs plain (step)")
     sp.add_argument("--experiment", default=None, help="ddp, step: the experiment to train")
@@ -643,7 +652,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default=None, help="ddp procs, step: the dataset root (step: default the profile's data.root)")
     sp.add_argument("--nproc", type=int, default=2, help="ddp procs: processes")
     sp.add_argument("--dag-params", default="tests/data/params_tiny.yaml", help="dag: the params file to run")
-    sp.add_argument("--cores", type=int, default=2, help="dag: snakemake --cores")
+    sp.add_argument("--cores", type=int, default=2, help="dag: snakemake --cores; schedule: cores to replay on")
     sp.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     sp.add_argument("--batch", type=int, default=None, help="msda: 2; ddp step, step: the experiment's train.batch_size")
     sp.add_argument("--warmup", type=int, default=5, help="untimed repeats first")
