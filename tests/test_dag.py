@@ -68,6 +68,10 @@ def test_priority_is_the_longest_chain_of_expected_work(tmp_path):
     table[0].metrics = [metrics("long", 3000.0)]
     stages._set_priorities(table)
     assert table[0].priority == 3060 and table[1].priority == 100 + 3000 + 60
+    pre = tmp_path / "pretrain.json"  # the pre-training records its time as `seconds`
+    pre.write_text(json.dumps({"seconds": 56.0}))
+    assert stages.recorded_seconds(stages.Stage("pretrain", [], [], metrics=[str(pre)])) == 56.0
+    assert stages.recorded_seconds(stages.Stage("eval_x", [], [], metrics=[str(pre)], kind="eval")) is None
 
 
 def test_snakemake_plan_matches_dvc_commands_and_outputs():

@@ -648,14 +648,21 @@ def _decode(data: bytes, path: Path) -> str:
 def read_yaml(path: str | Path) -> dict:
     """Parse a params file with :class:`ParamsLoader`; every failure is a ConfigError."""
     path = Path(path)
+    return _parse_yaml(_read_bytes(path), path)
+
+
+def _read_bytes(path: Path) -> bytes:
     if not path.exists():
         raise ConfigError(path, "<file>", "params file not found")
     if path.is_dir():
         raise ConfigError(path, "<file>", "is a directory, not a params file")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as e:
         raise ConfigError(path, "<file>", f"cannot read the params file: {e.strerror or e}") from None
+
+
+def _parse_yaml(data: bytes, path: Path) -> dict:
     loader = ParamsLoader(_decode(data, path))
     loader.name = str(path)  # YAML error marks then name the file, not "<unicode string>"
     try:
@@ -1108,17 +1115,11 @@ _LOADED: dict[tuple[str, str], tuple[Params, dict]] = {}
 def load_params(path: str | Path) -> tuple[Params, dict]:
     """The validated params and the raw mapping of a params file (fresh copies per call, so
     a caller's edit never leaks into another's)."""
-    try:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        digest = None  # read_yaml names the problem
-    key = (str(Path(path).resolve()), digest)
-    if digest is None or key not in _LOADED:
-        raw = read_yaml(path)
-        loaded = (validate_raw(raw, path), raw)
-        if digest is None:
-            return loaded
-        _LOADED[key] = copy.deepcopy(loaded)
+    data = _read_bytes(Path(path))
+    key = (str(Path(path).resolve()), hashlib.sha256(data).hexdigest())
+    if key not in _LOADED:  # the digest's own bytes are parsed: an edit in between cannot mix
+        raw = _parse_yaml(data, Path(path))
+        _LOADED[key] = copy.deepcopy((validate_raw(raw, path), raw))
     return copy.deepcopy(_LOADED[key])
 
 

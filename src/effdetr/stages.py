@@ -291,10 +291,11 @@ _UNRECORDED_TRAIN_S, _OTHER_S = 600.0, 60.0
 
 def recorded_seconds(st: Stage) -> float | None:
     """The wall seconds an earlier run of this stage recorded (a training's ``train_seconds``,
-    summed over resumed sessions), or None."""
+    summed over resumed sessions; the pre-training's ``seconds``), or None."""
     for m in st.metrics:
         try:
-            value = json.loads(Path(m).read_text()).get("train_seconds")
+            record = json.loads(Path(m).read_text())
+            value = record.get("train_seconds", record.get("seconds") if st.kind == "pretrain" else None)
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(value, (int, float)) and value > 0:

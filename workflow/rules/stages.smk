@@ -18,7 +18,7 @@ for kind in RULE_KINDS:
             kind.benchmark
         wildcard_constraints:
             **kind.constraints,
-        # the stages downstream of this job: what unblocks the most work starts first
+        # the expected seconds of work from this job to the end: the longest chain starts first
         priority: kind.priority
         conda:
             "../envs/effdetr.yaml"
