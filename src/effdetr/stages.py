@@ -318,22 +318,14 @@ def _set_priorities(stages: list[Stage]) -> None:
     jobs that can start, Snakemake then runs first the one with the most work behind it: the
     DETR-DC5 teacher that ACT, MTKD and the DETRDistill students wait on, and the long Lite
     DETR trainings, before short baselines, so the cores do not idle on a long tail at the end."""
-    seconds = estimated_seconds(stages)
-    children = stage_children(stages)
-    longest: dict[str, float] = {}
-
-    def chain(name: str) -> float:
-        if name not in longest:
-            longest[name] = seconds[name] + max((chain(c) for c in children[name]), default=0.0)
-        return longest[name]
-
+    chains = longest_chains(stages, estimated_seconds(stages))
     for st in stages:
-        st.priority = int(round(chain(st.name)))
+        st.priority = int(round(chains[st.name][0]))
 
 
-def critical_path(stages: list[Stage], seconds: dict[str, float]) -> tuple[float, list[str]]:
-    """The chain of stages with the largest summed ``seconds`` (a stage not in it counts 0):
-    what no number of cores shortens. -> (its seconds, its stage names in run order)."""
+def longest_chains(stages: list[Stage], seconds: dict[str, float]) -> dict[str, tuple[float, list[str]]]:
+    """Stage name -> the chain from it to the end of the DAG with the largest summed
+    ``seconds`` (a stage not in them counts 0): (its seconds, its stage names in run order)."""
     children = stage_children(stages)
     best: dict[str, tuple[float, list[str]]] = {}
 
@@ -343,7 +335,16 @@ def critical_path(stages: list[Stage], seconds: dict[str, float]) -> tuple[float
             best[name] = (seconds.get(name, 0.0) + tail[0], [name] + tail[1])
         return best[name]
 
-    return max((longest(st.name) for st in stages), default=(0.0, []), key=lambda t: t[0])
+    for st in stages:
+        longest(st.name)
+    return best
+
+
+def critical_path(stages: list[Stage], seconds: dict[str, float]) -> tuple[float, list[str]]:
+    """The chain of stages with the largest summed ``seconds`` (a stage not in it counts 0):
+    what no number of cores shortens. -> (its seconds, its stage names in run order)."""
+    chains = longest_chains(stages, seconds)
+    return max((chains[st.name] for st in stages), default=(0.0, []), key=lambda t: t[0])
 
 
 def _plan_experiments(plan) -> list[str]:
