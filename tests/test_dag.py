@@ -40,9 +40,15 @@ def test_snakemake_rules_are_the_stage_kinds_and_their_jobs_the_dvc_stages():
     prio = {name: int(re.search(r"^\s+priority: (\d+)$", block, flags=re.M).group(1))
             if re.search(r"^\s+priority:", block, flags=re.M) else 0 for name, block in planned.items()}
     assert all(prio[n] == table[n].priority for n in dvc)
+    # which teacher leads depends on the recorded times in reports/metrics (they change with
+    # every run), so check the order the graph fixes: the highest-priority training heads the
+    # critical path, and a job outranks every job that waits on it
     trainings = {n: p for n, p in prio.items() if n.startswith("train_")}
-    assert max(trainings, key=trainings.get) == "train_detr_dc5"
-    assert prio["pretrain"] > prio["train_detr_dc5"] > prio["train_sparse_detr_rho0p1"] > prio["eval_sparse_detr_rho0p1"]
+    _, path = stages.critical_path(list(table.values()), stages.estimated_seconds(list(table.values())))
+    assert max(trainings, key=trainings.get) == next(n for n in path if n.startswith("train_"))
+    assert prio["pretrain"] > max(trainings.values())
+    assert prio["train_detr_dc5"] > prio["train_detr_student_detrdistill_seed42"] > prio["eval_detr_student_detrdistill_seed42"]
+    assert prio["train_deformable_detr_topk_enc6"] > prio["train_deformable_student_detrdistill"]
     graph = snakemake("--rulegraph", "--forceall", "--cores", "2", "all")
     assert graph.returncode == 0, graph.stderr
     assert len(re.findall(r"label = \"", graph.stdout)) == 9  # the 8 kinds + all

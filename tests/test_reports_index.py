@@ -59,3 +59,21 @@ def test_critical_path_is_the_heaviest_chain_of_the_stage_graph():
 
 def test_no_benchmark_records_no_section(tmp_path):
     assert benchmark_summary(tmp_path / "none") == []
+
+
+def test_a_table_in_an_older_layout_is_listed_as_stale_not_a_crash(tmp_path):
+    """An earlier run's table (its CSV has no `row`/`claim` columns) stays listed, marked for a
+    rebuild, while the current tables beside it are counted."""
+    import pytest
+
+    from effdetr.reporting.tables import StaleTableError, claim_counts
+    params, _ = C.load_params(TINY)
+    write_table(tmp_path, "act_main", {"a": "reference", "b": "AP: yes (+1 vs a)"})
+    (tmp_path / "tables" / "sparse_main.md").write_text("# old\n")
+    (tmp_path / "tables" / "sparse_main.csv").write_text(
+        "model,metric,paper,reproduced,delta,claim holds at this scale\nDeformable DETR,AP,43.90,20.98,-22.92,—\n")
+    with pytest.raises(StaleTableError, match=r"sparse_main\.csv: no column row, claim"):
+        claim_counts(tmp_path / "tables" / "sparse_main.csv")
+    text = build_index(params, plan_tables(params), tmp_path, tmp_path / "no_bench").read_text()
+    assert "| 1 yes | [csv](tables/act_main.csv) |" in text
+    assert "| older layout, from an earlier run: rebuild with `snakemake paper_sparse_detr` |" in text

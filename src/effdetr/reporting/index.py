@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .plan import TablePlan, plan_tables
-from .tables import claim_counts, write_table
+from .tables import StaleTableError, claim_counts, write_table
 
 ORDER = ("yes", "no", "inconclusive", "not run")
 
@@ -84,14 +84,17 @@ def build_index(params, plans: dict[str, TablePlan], out_dir: Path,
         lines += [f"## {group[0].spec['paper']} (`snakemake paper_{paper}`)", "",
                   "| table | claims | files |", "|---|---|---|"]
         for p in built:
-            counts = claim_counts(tables / f"{p.tid}.csv")
+            try:
+                claims = _counts_text(claim_counts(tables / f"{p.tid}.csv"))
+            except StaleTableError:
+                claims = f"older layout, from an earlier run: rebuild with `snakemake paper_{paper}`"
             where = out_dir / "figures" / p.tid
             figs = ", ".join(f"[{f}](figures/{p.tid}/{f})" for f in p.figures
                              if (where / f).exists() and not f.endswith("_training.png"))
             curves = sum((where / f"{n}_training.png").exists() for n in p.curves)
             figs += (", " if figs and curves else "") + (f"[{curves} training curves](figures/{p.tid}/)"
                                                           if curves else "")
-            lines.append(f"| [{p.spec['title']}](tables/{p.tid}.md) | {_counts_text(counts)} | "
+            lines.append(f"| [{p.spec['title']}](tables/{p.tid}.md) | {claims} | "
                          f"[csv](tables/{p.tid}.csv){', ' + figs if figs else ''} |")
         lines.append("")
     if missing:

@@ -271,6 +271,10 @@ def write_table(plan: TablePlan, params, metrics_dir: Path, out_dir: Path, conte
     return [md, csv_path] + table_figures(plan, reproduced, metrics_dir, out_dir / "figures" / plan.tid)
 
 
+class StaleTableError(ValueError):
+    """A table file in a layout this code does not write (an earlier run's): rebuild it."""
+
+
 VERDICT = re.compile(r"(?:^|: |; )(yes|no|inconclusive|not run)\b")
 
 
@@ -280,7 +284,12 @@ def claim_counts(csv_path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     seen = set()
     with open(csv_path, newline="") as f:
-        for r in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        lacking = [c for c in ("row", "claim") if c not in (reader.fieldnames or [])]
+        if lacking:
+            raise StaleTableError(f"{csv_path}: no column {', '.join(lacking)}; written by an older "
+                                  "effdetr (a different table layout)")
+        for r in reader:
             if r["row"] in seen:
                 continue
             seen.add(r["row"])
