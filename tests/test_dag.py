@@ -34,7 +34,8 @@ def test_snakemake_rules_are_the_stage_kinds_and_their_jobs_the_dvc_stages():
     assert plan.returncode == 0, plan.stderr
     assert set(planned_stages(plan.stdout)) - {"all"} == set(dvc)
     # priority: the expected seconds of work from a job to the end (the DAG's own table)
-    table = {st.name: st for st in stages.build_stages(stages.load_raw(str(REPO / "params.yaml")))}
+    stage_list = stages.build_stages(stages.load_raw(str(REPO / "params.yaml")))
+    table = {st.name: st for st in stage_list}
     planned = planned_stages(plan.stdout)
     prio = {name: int(re.search(r"^\s+priority: (\d+)$", block, flags=re.M).group(1))
             if re.search(r"^\s+priority:", block, flags=re.M) else 0 for name, block in planned.items()}
@@ -43,7 +44,7 @@ def test_snakemake_rules_are_the_stage_kinds_and_their_jobs_the_dvc_stages():
     # every run), so check the order the graph fixes: the highest-priority training heads the
     # critical path, and a job outranks every job that waits on it
     trainings = {n: p for n, p in prio.items() if n.startswith("train_")}
-    _, path = stages.critical_path(list(table.values()), stages.estimated_seconds(list(table.values())))
+    _, path = stages.critical_path(stage_list, stages.estimated_seconds(stage_list))
     assert trainings[next(n for n in path if n.startswith("train_"))] == max(trainings.values())  # ties allowed
     assert prio["pretrain"] > max(trainings.values())
     assert prio["train_detr_dc5"] > prio["train_detr_student_detrdistill_seed42"] > prio["eval_detr_student_detrdistill_seed42"]

@@ -3,6 +3,8 @@ yet, and Snakemake's per-job benchmark records summarised per rule."""
 import csv
 from pathlib import Path
 
+import pytest
+
 from effdetr import config as C
 from effdetr.reporting.index import benchmark_summary, build_index
 from effdetr.reporting.plan import plan_tables
@@ -64,8 +66,6 @@ def test_no_benchmark_records_no_section(tmp_path):
 def test_a_table_in_an_older_layout_is_listed_as_stale_not_a_crash(tmp_path):
     """An earlier run's table (its CSV has no `row`/`claim` columns) stays listed, marked for a
     rebuild, while the current tables beside it are counted."""
-    import pytest
-
     from effdetr.reporting.tables import StaleTableError, claim_counts
     params, _ = C.load_params(TINY)
     write_table(tmp_path, "act_main", {"a": "reference", "b": "AP: yes (+1 vs a)"})
@@ -74,6 +74,8 @@ def test_a_table_in_an_older_layout_is_listed_as_stale_not_a_crash(tmp_path):
         "model,metric,paper,reproduced,delta,claim holds at this scale\nDeformable DETR,AP,43.90,20.98,-22.92,—\n")
     with pytest.raises(StaleTableError, match=r"sparse_main\.csv: no column row, claim"):
         claim_counts(tmp_path / "tables" / "sparse_main.csv")
+    (tmp_path / "empty.csv").write_text("")
+    assert claim_counts(tmp_path / "empty.csv") == {}  # no header, no rows: not a stale layout
     text = build_index(params, plan_tables(params), tmp_path, tmp_path / "no_bench").read_text()
     assert "| 1 yes | [csv](tables/act_main.csv) |" in text
     assert "| older layout, from an earlier run: rebuild with `snakemake paper_sparse_detr` |" in text

@@ -285,8 +285,8 @@ def claim_counts(csv_path: Path) -> dict[str, int]:
     seen = set()
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
-        lacking = [c for c in ("row", "claim") if c not in (reader.fieldnames or [])]
-        if lacking:
+        lacking = [c for c in ("row", "claim") if c not in (reader.fieldnames or ("row", "claim"))]
+        if lacking:  # an empty file has no header and no rows: nothing to count
             raise StaleTableError(f"{csv_path}: no column {', '.join(lacking)}; written by an older "
                                   "effdetr (a different table layout)")
         for r in reader:
