@@ -15,6 +15,21 @@ def tradeoff_data_file(figure_file: str, source: str) -> str:
     return f"{Path(figure_file).stem}_{source}.json"
 
 
+CURVE_FIELDS = ("epoch", "train_loss", "val_AP")
+
+
+def curve_data_file(experiment: str) -> str:
+    """``detr_dc5`` -> ``detr_dc5_curve.json``: the training curve as data for `dvc plots show`."""
+    return f"{experiment}_curve.json"
+
+
+def curve_rows(history: list[dict]) -> list[dict]:
+    """One row per epoch with the same keys in every row, ``None`` where an epoch was not
+    validated: DVC draws a data file only when all its rows share their keys, and a training
+    history validates every ``val_every`` epochs only."""
+    return [{k: rec.get(k) for k in CURVE_FIELDS} for rec in history]
+
+
 def table_figures(plan: TablePlan, reproduced: dict[str, dict], metrics_dir: Path, fig_dir: Path) -> list[Path]:
     from .plots import plot_placeholder, plot_prototypes_per_layer, plot_tradeoff, plot_training_curves
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +61,9 @@ def table_figures(plan: TablePlan, reproduced: dict[str, dict], metrics_dir: Pat
         if history:
             out = fig_dir / f"{name}_training.png"
             plot_training_curves(history, f"{name}: training losses per epoch", out)
-            written.append(out)
+            data = fig_dir / curve_data_file(name)
+            data.write_text(json.dumps(curve_rows(history), indent=1) + "\n")
+            written += [out, data]
     layers = {n: ev for n in plan.swaps
               if (ev := read_json(metrics_dir / n / "eval.json")) and "prototypes_layer0" in ev}
     if layers:
